@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +116,9 @@ def _tiny_model(cfg: Any, vocab_size: int, dtype: torch.dtype) -> PreTrainedMode
     return model
 
 
-def load_backbone(cfg: Any, device: str | torch.device | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_backbone(
+    cfg: Any, device: str | torch.device | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Build the backbone described by a ``conf/backbone/*.yaml`` node.
 
     Returns the causal-LM model (eval mode, on ``device`` or ``cfg.device``) and its tokenizer.
@@ -126,7 +134,9 @@ def load_backbone(cfg: Any, device: str | torch.device | None = None) -> tuple[P
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     elif source == "hub":
         if not cfg.get("name_or_path"):
-            raise ValueError(f"backbone {cfg.name}: set backbone.name_or_path to a hub id or a local directory")
+            raise ValueError(
+                f"backbone {cfg.name}: set backbone.name_or_path to a hub id or a local directory"
+            )
         tokenizer = load_tokenizer(cfg.get("tokenizer") or cfg.name_or_path, trust_remote_code=trust)
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, trust_remote_code=trust)
     elif source == "tiny":

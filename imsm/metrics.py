@@ -51,7 +51,9 @@ METRICS: dict[str, Callable[[Sequence[str], Sequence[Any]], tuple[dict[str, floa
 }
 
 
-def score(metric: str, predictions: Sequence[str], golds: Sequence[Any]) -> tuple[dict[str, float], list[bool]]:
+def score(
+    metric: str, predictions: Sequence[str], golds: Sequence[Any]
+) -> tuple[dict[str, float], list[bool]]:
     """Dispatch on the dataset's ``metric`` name."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choices: {sorted(METRICS)}")

@@ -19,8 +19,15 @@ from imsm.model.siamese import IMSMModel
 
 
 def generate_texts(
-    model: IMSMModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, max_new_tokens: int,
-    batch_size: int = 8, max_input_length: int = 512, chat_template: bool = False, streams: str = "imsm",
+    model: IMSMModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    max_input_length: int = 512,
+    chat_template: bool = False,
+    streams: str = "imsm",
     desc: str = "generate",
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (original order)."""
@@ -37,8 +44,12 @@ def generate_texts(
         input_ids, attention_mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
         with torch.inference_mode():
             new = model.generate(
-                input_ids.to(device), attention_mask.to(device), max_new_tokens=max_new_tokens,
-                eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, streams=streams,
+                input_ids.to(device),
+                attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id,
+                streams=streams,
             )
         for i, row in zip(idx, new.tolist(), strict=True):
             if eos in row:

@@ -34,14 +34,23 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def evaluate_on(model, tokenizer, cfg: DictConfig, streams: str = "imsm") -> tuple[dict[str, Any], list[dict]]:
+def evaluate_on(
+    model, tokenizer, cfg: DictConfig, streams: str = "imsm"
+) -> tuple[dict[str, Any], list[dict]]:
     """The target's eval split (first ``max_eval_samples``), generated and scored."""
     ds = cfg.dataset
     examples = load_split(ds, cfg.data_dir, ds.eval_split, cfg.max_eval_samples)
     return evaluate_examples(
-        model, tokenizer, examples, ds.metric, max_new_tokens=cfg.eval.max_new_tokens or ds.max_new_tokens,
-        batch_size=cfg.eval.batch_size, max_input_length=cfg.max_input_length, chat_template=cfg.chat_template,
-        streams=streams, desc=f"eval {ds.name} ({streams})",
+        model,
+        tokenizer,
+        examples,
+        ds.metric,
+        max_new_tokens=cfg.eval.max_new_tokens or ds.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        max_input_length=cfg.max_input_length,
+        chat_template=cfg.chat_template,
+        streams=streams,
+        desc=f"eval {ds.name} ({streams})",
     )
 
 
@@ -69,13 +78,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ds = cfg.dataset
     train_examples = load_split(ds, cfg.data_dir, ds.train_split, cfg.max_train_samples)
     train_set = TokenizedDataset(
-        train_examples, tokenizer, cfg.max_input_length, cfg.max_output_length, cfg.chat_template,
+        train_examples,
+        tokenizer,
+        cfg.max_input_length,
+        cfg.max_output_length,
+        cfg.chat_template,
         name=f"{ds.name}/{ds.train_split}",
     )
     world = int(os.environ.get("WORLD_SIZE", 1))
     args = training_arguments(cfg, str(run_dir / "checkpoints"), world_size=world)
     trainer = IMSMTrainer(
-        model=model, args=args, train_dataset=train_set, data_collator=TrainCollator(tokenizer.pad_token_id),
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        data_collator=TrainCollator(tokenizer.pad_token_id),
         gate_learning_rate=cfg.gate.get("lr"),
     )
     start = time.perf_counter()
@@ -88,11 +104,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {
         "status": "ok",
         "run_dir": str(run_dir),
-        "backbone": cfg.backbone.name, "peft": cfg.peft.name, "gate": cfg.gate.type, "gate_rank": cfg.gate.rank,
-        "dataset": ds.name, "seed": int(cfg.seed),
-        "train_examples": len(train_set), "truncated_prompts": train_set.stats.prompts,
+        "backbone": cfg.backbone.name,
+        "peft": cfg.peft.name,
+        "gate": cfg.gate.type,
+        "gate_rank": cfg.gate.rank,
+        "dataset": ds.name,
+        "seed": int(cfg.seed),
+        "train_examples": len(train_set),
+        "truncated_prompts": train_set.stats.prompts,
         "truncated_targets": train_set.stats.targets,
-        "train_loss": train_output.training_loss, "global_steps": train_output.global_step,
+        "train_loss": train_output.training_loss,
+        "global_steps": train_output.global_step,
         "trainable_parameters": model.trainable_parameters(),
         "train_seconds": train_seconds,
     }

@@ -29,7 +29,9 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat_template
     """The prompt text as the model sees it: raw (paper default) or wrapped in the tokenizer's chat template."""
     if not chat_template:
         return prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
 
 
 @dataclass
@@ -44,12 +46,18 @@ class Truncation:
         if self.prompts or self.targets:
             log.warning(
                 "%s: %d of %d prompts and %d targets were longer than the max length and truncated",
-                what, self.prompts, self.total, self.targets,
+                what,
+                self.prompts,
+                self.total,
+                self.targets,
             )
 
 
 def encode_prompt(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int, chat_template: bool = False,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    max_length: int,
+    chat_template: bool = False,
     stats: Truncation | None = None,
 ) -> list[int]:
     text = format_prompt(tokenizer, prompt, chat_template)
@@ -62,8 +70,12 @@ def encode_prompt(
 
 
 def encode_example(
-    tokenizer: PreTrainedTokenizerBase, example: Example, max_input_length: int, max_output_length: int,
-    chat_template: bool = False, stats: Truncation | None = None,
+    tokenizer: PreTrainedTokenizerBase,
+    example: Example,
+    max_input_length: int,
+    max_output_length: int,
+    chat_template: bool = False,
+    stats: Truncation | None = None,
 ) -> dict[str, list[int]]:
     """``{"input_ids", "labels", "query_len"}`` for one training example."""
     prompt_ids = encode_prompt(tokenizer, example.prompt, max_input_length, chat_template, stats)
@@ -86,8 +98,13 @@ class TokenizedDataset(Dataset):
     """Training examples tokenised once, up front (they are small; a ``datasets.Dataset`` would add nothing)."""
 
     def __init__(
-        self, examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_input_length: int,
-        max_output_length: int, chat_template: bool = False, name: str = "train",
+        self,
+        examples: list[Example],
+        tokenizer: PreTrainedTokenizerBase,
+        max_input_length: int,
+        max_output_length: int,
+        chat_template: bool = False,
+        name: str = "train",
     ):
         self.stats = Truncation()
         self.features = [
@@ -126,7 +143,12 @@ class TrainCollator:
             labels[i, :k] = torch.tensor(f["labels"])
             attention_mask[i, :k] = 1
             query_mask[i, : f["query_len"][0]] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "query_mask": query_mask}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "query_mask": query_mask,
+        }
 
 
 def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

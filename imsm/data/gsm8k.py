@@ -21,9 +21,10 @@ def make_target(answer: str, path: Path | str = "?", lineno: int = 0) -> tuple[s
     if "####" not in answer:
         raise DataError(f"{path}:{lineno}: field 'answer' has no '#### N' final line")
     rationale, final = answer.rsplit("####", 1)
-    final = final.strip().replace(",", "")
+    final = final.strip()
     rationale = CALCULATOR.sub("", rationale).strip()
-    return f"{rationale}\nThe answer is {final}.", final
+    # The target keeps the number as written ("2,125", as the authors' split does); the gold drops the commas.
+    return f"{rationale}\nThe answer is {final}.", final.replace(",", "")
 
 
 def load(data_dir: str, split: str, template: str, **_: object) -> list[Example]:

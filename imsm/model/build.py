@@ -76,7 +76,11 @@ def build_model(cfg: DictConfig) -> tuple[IMSMModel, PreTrainedTokenizerBase]:
         p.requires_grad_(False)
     peft_model = attach_adapter(backbone, build_peft_config(cfg.peft, cfg.backbone))
     gate = build_gate(
-        cfg.gate.type, backbone.config.hidden_size, rank=cfg.gate.rank, dropout=cfg.gate.dropout, value=cfg.gate.value
+        cfg.gate.type,
+        backbone.config.hidden_size,
+        rank=cfg.gate.rank,
+        dropout=cfg.gate.dropout,
+        value=cfg.gate.value,
     )
     if gate is not None:
         gate.to(device=next(backbone.parameters()).device, dtype=torch.float32)
@@ -118,8 +122,11 @@ def load_model(run_dir: str | Path, device: str | None = None) -> tuple[IMSMMode
     peft_model.eval()
     meta = json.loads((run_dir / GATE_CONFIG).read_text())
     gate = build_gate(
-        meta["type"], backbone.config.hidden_size, rank=meta.get("rank") or 8,
-        dropout=meta.get("dropout") or 0.0, value=meta.get("value") if meta.get("value") is not None else 0.5,
+        meta["type"],
+        backbone.config.hidden_size,
+        rank=meta.get("rank") or 8,
+        dropout=meta.get("dropout") or 0.0,
+        value=meta.get("value") if meta.get("value") is not None else 0.5,
     )
     if gate is not None:
         if (run_dir / GATE_WEIGHTS).exists():

@@ -89,11 +89,15 @@ class FixedGate(nn.Module):
 
     needs_query = False
 
-    def forward(self, base_hidden: torch.Tensor, tuned_hidden: torch.Tensor, *_: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, base_hidden: torch.Tensor, tuned_hidden: torch.Tensor, *_: torch.Tensor | None
+    ) -> torch.Tensor:
         return torch.full_like(base_hidden, self.value, dtype=torch.float32)
 
 
-def build_gate(gate_type: str, hidden_size: int, rank: int = 8, dropout: float = 0.1, value: float = 0.5) -> nn.Module | None:
+def build_gate(
+    gate_type: str, hidden_size: int, rank: int = 8, dropout: float = 0.1, value: float = 0.5
+) -> nn.Module | None:
     """Gate module for ``gate.type`` (``None`` for plain PEFT)."""
     if gate_type == "query_aware":
         return LowRankGate(hidden_size, rank, use_query=True, dropout=dropout)

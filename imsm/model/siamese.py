@@ -148,7 +148,12 @@ class IMSMModel(nn.Module):
             return base, tuned, None, None
         if query_mask is None:
             raise ValueError("the query-aware gate needs `query_mask` (1 on prompt tokens) in the batch")
-        return base, tuned, pool_query(base, query_mask, self.pooling), pool_query(tuned, query_mask, self.pooling)
+        return (
+            base,
+            tuned,
+            pool_query(base, query_mask, self.pooling),
+            pool_query(tuned, query_mask, self.pooling),
+        )
 
     def mixed_hidden(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor | None = None
@@ -220,7 +225,9 @@ class IMSMModel(nn.Module):
         use_base = streams == "base" or (streams == "imsm" and self.gate is not None)
         use_tuned = streams != "base"
         mixing = streams == "imsm" and self.gate is not None
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
+        eos = torch.tensor(
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device
+        )
         caches = {
             "base": DynamicCache(config=self.config) if use_base else None,
             "tuned": DynamicCache(config=self.config) if use_tuned else None,

@@ -1,0 +1,215 @@
+"""End to end: config composition, training on a tiny model, save -> reload, the CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from imsm.data import DataError, load_split
+from imsm.data.base import Example
+from imsm.data.collate import TokenizedDataset, TrainCollator, encode_example
+from imsm.model.build import load_model
+from imsm.train import train
+
+CONF = str(REPO / "conf")
+GSM_ROWS = [
+    {
+        "question": f"Tom has {i} apples and buys {i + 1} more. How many apples does he have?",
+        "answer": f"Tom has {i} + {i + 1} = <<{i}+{i + 1}={2 * i + 1}>>{2 * i + 1} apples.\n#### {2 * i + 1}",
+    }
+    for i in range(12)
+]
+
+
+@pytest.fixture
+def gsm_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data" / "gsm8k"
+    d.mkdir(parents=True)
+    for split in ("train", "test"):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GSM_ROWS))
+    return tmp_path / "data"
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["backbone", "peft", "gate", "dataset", "trainer", "experiment"])
+def test_every_config_option_composes(group):
+    for option in group_options(group):
+        cfg = compose_train([f"{group}={option}"])
+        OmegaConf.to_container(cfg.backbone, resolve=True)
+        assert cfg.gate.type in ("query_aware", "no_query", "fixed", "none")
+        assert cfg.peft.config._target_.startswith("peft.")
+
+
+def test_unknown_option_lists_the_choices():
+    proc = subprocess.run(
+        [sys.executable, "-m", "imsm.train", "gate=bogus"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "query_aware" in proc.stderr and "no_query" in proc.stderr  # Hydra lists the available options
+
+
+def tiny_overrides(run_dir: Path, data_dir: Path, gate: str = "query_aware") -> list[str]:
+    return [
+        "backbone=tiny_llama",
+        f"gate={gate}",
+        f"run_dir={run_dir}",
+        f"data_dir={data_dir}",
+        "max_train_samples=8",
+        "max_eval_samples=3",
+        "eval.max_new_tokens=6",
+        "eval.batch_size=2",
+        "trainer.args.max_steps=2",
+        "trainer.args.per_device_train_batch_size=4",
+        "trainer.effective_batch_size=4",
+        "trainer.args.disable_tqdm=true",
+    ]
+
+
+@pytest.mark.parametrize("gate", ["query_aware", "none"])
+def test_train_saves_a_run_that_reloads_with_identical_logits(tmp_path, gsm_dir, gate):
+    run_dir = tmp_path / "run"
+    cfg = compose_train(tiny_overrides(run_dir, gsm_dir, gate))
+    result = train(cfg)
+    assert result["status"] == "ok" and result["global_steps"] == 2
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "gate.json",
+        "config.yaml",
+        "metrics.json",
+        "predictions.jsonl",
+        "predictions_base.jsonl",
+    ):
+        assert (run_dir / name).exists(), name
+    assert (run_dir / "gate.safetensors").exists() == (gate == "query_aware")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["metrics"]["n"] == 3 and 0.0 <= metrics["metrics"]["accuracy"] <= 1.0
+    assert metrics["trainable_parameters"]["gate"] == (5 * 64 * 8 if gate == "query_aware" else 0)
+    preds = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 3 and set(preds[0]) == {"prompt", "generation", "gold", "correct"}
+
+    # reload: identical logits to a fresh in-memory model built from the same files
+    model, tok = load_model(run_dir, device="cpu")
+    model.eval()
+    ex = load_split(cfg.dataset, str(gsm_dir), "test", 2)
+    feats = [encode_example(tok, e, 64, 32) for e in ex]
+    batch = TrainCollator(tok.pad_token_id)(feats)
+    logits = model(
+        batch["input_ids"], batch["attention_mask"], batch["query_mask"], return_logits=True
+    ).logits
+    again, _ = load_model(run_dir, device="cpu")
+    again.eval()
+    logits2 = again(
+        batch["input_ids"], batch["attention_mask"], batch["query_mask"], return_logits=True
+    ).logits
+    assert torch.equal(logits, logits2)
+    # and the adapter is a plain peft adapter
+    from peft import PeftModel
+
+    from imsm.backbones import load_backbone
+
+    plain = PeftModel.from_pretrained(
+        load_backbone(OmegaConf.load(run_dir / "config.yaml").backbone, "cpu")[0], run_dir / "adapter"
+    )
+    if gate == "none":
+        assert torch.equal(plain(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, logits)
+
+
+def test_trained_model_logits_survive_save_and_load(tmp_path, gsm_dir):
+    """The in-memory trained model and its reloaded copy agree exactly."""
+    from hydra.utils import instantiate  # noqa: F401  (compose below resolves _target_ lazily)
+
+    from imsm.model.build import build_model, save_model
+
+    cfg = compose_train(tiny_overrides(tmp_path / "r", gsm_dir))
+    model, tok = build_model(cfg)
+    with torch.no_grad():  # make adapter and gate non-trivial, as after training
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    save_model(model, tmp_path / "r", cfg)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    mask = torch.ones_like(ids)
+    query = torch.tensor([[1, 1, 1, 0, 0]])
+    before = model(ids, mask, query, return_logits=True).logits
+    after = load_model(tmp_path / "r", device="cpu")[0](ids, mask, query, return_logits=True).logits
+    assert torch.equal(before, after)
+
+
+def test_cli_trains_tiny_model_quickly(tmp_path, gsm_dir):
+    env = dict(os.environ, IMSM_DATA_DIR=str(gsm_dir))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imsm.train",
+            "backbone=tiny_llama",
+            "dataset=gsm8k",
+            "trainer.args.max_steps=2",
+            "max_train_samples=8",
+            "max_eval_samples=2",
+            "eval.max_new_tokens=4",
+            f"hydra.run.dir={tmp_path}/cli",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trainable: adapter" in proc.stdout and "run dir:" in proc.stdout
+    assert (tmp_path / "cli" / "metrics.json").exists()
+
+
+def test_missing_data_file_names_the_path_and_the_setting(tmp_path):
+    cfg = compose_train([])
+    with pytest.raises(DataError, match=r"gsm8k/train\.jsonl.*IMSM_DATA_DIR"):
+        load_split(cfg.dataset, str(tmp_path), "train")
+    with pytest.raises(DataError, match="No data directory"):
+        load_split(cfg.dataset, None, "train")
+
+
+def test_truncation_is_counted(tmp_path):
+    from imsm.backbones import load_tokenizer, prepare_smollm2
+
+    tok = load_tokenizer(prepare_smollm2())
+    examples = [Example(prompt="word " * 50, target="answer " * 20), Example(prompt="short", target="ok")]
+    ds = TokenizedDataset(examples, tok, max_input_length=10, max_output_length=5)
+    assert (ds.stats.prompts, ds.stats.targets, ds.stats.total) == (1, 1, 2)
+    f = ds[0]
+    assert f["query_len"] == [10] and len(f["input_ids"]) == 15 and f["input_ids"][-1] == tok.eos_token_id
+    assert f["labels"][:10] == [-100] * 10 and f["labels"][10:] == f["input_ids"][10:]
+
+
+def test_prompt_and_target_join_with_nothing_between():
+    from imsm.backbones import load_tokenizer, prepare_smollm2
+
+    tok = load_tokenizer(prepare_smollm2())
+    ex = Example(prompt="Question: 2+2?\nAnswer:", target=" 4")
+    f = encode_example(tok, ex, 64, 64)
+    assert f["input_ids"] == tok("Question: 2+2?\nAnswer:")["input_ids"] + tok(
+        " 4", add_special_tokens=False
+    )["input_ids"] + [tok.eos_token_id]
