@@ -11,7 +11,7 @@ export IMSM_CACHE ?= $(abspath .cache)
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup model run test test-all lint bench clean
+.PHONY: help setup run test test-all lint bench bench-quick clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -44,3 +44,9 @@ lint: setup ## ruff check + format check
 
 clean: ## remove run outputs (keeps .venv and the model cache)
 	rm -rf outputs/* multirun .pytest_cache
+
+bench: setup ## IMSM vs vanilla PEFT: training step, decoding tokens/s, memory, naive decoder (ratios; JSON in outputs/bench)
+	$(PY) -m imsm.bench
+
+bench-quick: setup ## the benchmark on tiny_llama, to check it runs
+	$(PY) -m imsm.bench --quick

@@ -4,6 +4,8 @@
 - The gate gets its own learning rate (the authors trained it at 1e-3) in its own optimizer parameter group; the
   optimizer class itself is whatever ``TrainingArguments.optim`` names (AdamW, Adafactor, ...).
 - Checkpoints and the final save hold the adapter and the gate only, never the frozen backbone.
+- AdaLoRA: the loss gets peft's orthogonal regulariser (IMSM's loss is computed outside ``PeftModel.forward``, where
+  peft would add it) and ``AdaLoraCallback`` re-allocates the rank budget every optimizer step.
 """
 
 from __future__ import annotations
@@ -14,16 +16,30 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from transformers import Trainer, TrainingArguments
 
+from imsm.model.adalora import AdaLoraCallback, adalora_config, orthogonal_regularisation
 from imsm.model.build import save_model
 from imsm.model.siamese import IMSMModel
 
 
 class IMSMTrainer(Trainer):
-    """``Trainer`` with a gate learning rate and adapter-only checkpoints."""
+    """``Trainer`` with a gate learning rate, adapter-only checkpoints and complete AdaLoRA training."""
 
     def __init__(self, *args: Any, gate_learning_rate: float | None = None, **kwargs: Any):
         self.gate_learning_rate = gate_learning_rate
         super().__init__(*args, **kwargs)
+        model = self.model
+        if isinstance(model, IMSMModel) and adalora_config(model.peft_model) is not None:
+            if not any(isinstance(c, AdaLoraCallback) for c in self.callback_handler.callbacks):
+                self.add_callback(AdaLoraCallback(model.peft_model))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        unwrapped = self.accelerator.unwrap_model(model)
+        config = adalora_config(unwrapped.peft_model) if isinstance(unwrapped, IMSMModel) else None
+        if config is None or config.orth_reg_weight == 0 or not model.training:
+            return out
+        reg = config.orth_reg_weight * orthogonal_regularisation(unwrapped.peft_model)
+        return (out[0] + reg, out[1]) if return_outputs else out + reg
 
     def create_optimizer(self, model=None):  # noqa: D102 - same contract as Trainer
         if self.optimizer is not None:

@@ -220,3 +220,27 @@ def test_prompt_learning_methods_are_rejected():
     )
     with pytest.raises(ValueError, match="injected"):
         build_peft_config(peft_cfg, OmegaConf.create({}))
+
+
+@pytest.mark.parametrize("gate", ["query_aware", "no_query", "fixed"])
+def test_fused_doubled_batch_equals_two_streams(gate):
+    model = make_imsm(gate)
+    assert model.can_fuse_streams()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23]]
+    ids, mask = left_pad(prompts, 0)
+    fused = model.generate(ids, mask, max_new_tokens=10, eos_token_id=96, pad_token_id=0, fuse_streams=True)
+    plain = model.generate(ids, mask, max_new_tokens=10, eos_token_id=96, pad_token_id=0, fuse_streams=False)
+    assert torch.equal(fused, plain)
+    for row, p in zip(fused.tolist(), prompts, strict=True):
+        expected = naive_generate(model, p, 10, 96)
+        assert row[: len(expected)] == expected
+
+
+def test_dora_is_not_fused():
+    from peft import LoraConfig
+
+    model = make_imsm(
+        "query_aware",
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, task_type="CAUSAL_LM"),
+    )
+    assert not model.can_fuse_streams()

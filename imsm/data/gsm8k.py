@@ -3,17 +3,37 @@
 Rows are ``{"question", "answer"}``; the answer is a rationale with ``<<expr=value>>`` calculator annotations and a
 last line ``#### N``. The training target is the rationale without annotations, ending ``The answer is N.`` (the
 paper authors' processing, checked against their reference split); ``gold`` is N as a string.
+The hub copy ``openai/gsm8k`` (config ``main``) has the same fields; the reference split has only ``test``.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
-from imsm.data.base import DataError, Example, data_path, nonempty, read_jsonl, render, require
+from imsm.data.base import (
+    BadRows,
+    DataError,
+    Example,
+    HubSpec,
+    Where,
+    check_source,
+    convert_rows,
+    data_path,
+    load_hub,
+    load_reference,
+    read_jsonl,
+    render,
+    require,
+    split_file,
+)
 
 CALCULATOR = re.compile(r"<<[^>]*>>")
 FILES = {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}
+REFERENCE = {"test": "data_test.json"}  # their train file was too large to copy; use the raw one
+HUB = HubSpec("openai/gsm8k", "main", {"train": "train", "test": "test"})
+FINAL_ANSWER = re.compile(r"The answer is (.+?)\.?\s*$")
 
 
 def make_target(answer: str, path: Path | str = "?", lineno: int = 0) -> tuple[str, str]:
@@ -21,20 +41,39 @@ def make_target(answer: str, path: Path | str = "?", lineno: int = 0) -> tuple[s
     if "####" not in answer:
         raise DataError(f"{path}:{lineno}: field 'answer' has no '#### N' final line")
     rationale, final = answer.rsplit("####", 1)
-    final = final.strip()
+    final = final.strip().replace(",", "")
     rationale = CALCULATOR.sub("", rationale).strip()
-    # The target keeps the number as written ("2,125", as the authors' split does); the gold drops the commas.
-    return f"{rationale}\nThe answer is {final}.", final.replace(",", "")
+    return f"{rationale}\nThe answer is {final}.", final
 
 
-def load(data_dir: str, split: str, template: str, **_: object) -> list[Example]:
+def example_from_row(row: dict[str, Any], template: str, where: Where = "?", lineno: int = 0) -> Example:
+    """One raw or hub row ``{"question", "answer"}`` -> Example."""
+    question = require(row, "question", where, lineno)
+    target, final = make_target(require(row, "answer", where, lineno), where, lineno)
+    return Example(prompt=render(template, question=question), target=target, gold=final)
+
+
+def reference_output(output: Any, where: Where, lineno: int) -> tuple[str, Any]:
+    """(target, final number) of a reference row, whose output already ends ``The answer is N.``."""
+    found = FINAL_ANSWER.search(output) if isinstance(output, str) else None
+    if found is None:
+        raise DataError(f"{where}:{lineno}: field 'output' does not end with 'The answer is N.'")
+    return output, found.group(1).strip().replace(",", "")
+
+
+def load(
+    data_dir: str, split: str, template: str, *, source: str = "raw", on_bad_row: str = "error", **_: object
+) -> list[Example]:
     """Examples of one split (``train`` or ``test``)."""
-    if split not in FILES:
-        raise DataError(f"gsm8k has no split {split!r}; choices: {sorted(FILES)}")
-    path = data_path(data_dir, FILES[split])
-    examples = []
-    for lineno, row in read_jsonl(path):
-        question = require(row, "question", path, lineno)
-        target, final = make_target(require(row, "answer", path, lineno), path, lineno)
-        examples.append(Example(prompt=render(template, question=question), target=target, gold=final))
-    return nonempty(examples, f"{path}")
+    check_source("gsm8k", source)
+    bad = BadRows(on_bad_row)
+
+    def convert(row: dict[str, Any], where: Where, lineno: int) -> Example:
+        return example_from_row(row, template, where, lineno)
+
+    if source == "reference":
+        return load_reference(data_dir, "GSM8K", REFERENCE, split, reference_output, bad)
+    if source == "hub":
+        return load_hub(HUB, split, "gsm8k", convert, bad)
+    path = data_path(data_dir, split_file("gsm8k", FILES, split))
+    return convert_rows(read_jsonl(path, bad), convert, path, bad)

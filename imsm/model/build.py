@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from imsm.backbones import load_backbone
+from imsm.model.adalora import adalora_schedule
 from imsm.model.gate import build_gate
 from imsm.model.siamese import IMSMModel
 
@@ -31,25 +32,62 @@ ADAPTER_DIR = "adapter"
 RUN_CONFIG = "config.yaml"
 
 
-def build_peft_config(peft_cfg: DictConfig, backbone_cfg: DictConfig) -> PeftConfig:
+def backbone_targets(peft_cfg: DictConfig, backbone_cfg: DictConfig, field: str) -> list[str] | None:
+    """The backbone file's module list for ``field`` of this method, or None when it has none.
+
+    Looked up as ``target_modules.<peft.name>`` (``<peft.name>_feedforward`` for ``feedforward_modules``), then under
+    ``peft.targets`` (a method that borrows another's lists, e.g. LoHa -> ``lora``). An empty list is kept: IA3 on
+    Qwen1.5 has no feed-forward module.
+    """
+    per_backbone = backbone_cfg.get("target_modules") or {}
+    suffix = "_feedforward" if field == "feedforward_modules" else ""
+    for key in (peft_cfg.name, peft_cfg.get("targets")):
+        if key and per_backbone.get(f"{key}{suffix}") is not None:
+            return list(per_backbone[f"{key}{suffix}"])
+    return None
+
+
+def build_peft_config(
+    peft_cfg: DictConfig, backbone_cfg: DictConfig, total_steps: int | None = None
+) -> PeftConfig:
     """Instantiate the peft config class named in ``peft.config._target_``.
 
-    ``target_modules`` left null in the method file come from the backbone file (``target_modules.<method>``), so
-    each backbone keeps the paper's per-method module lists.
+    ``target_modules`` / ``feedforward_modules`` left null in the method file come from the backbone file (see
+    ``backbone_targets``), so each backbone keeps the paper's per-method module lists. AdaLoRA's ``total_step`` (and
+    ``tinit`` / ``tfinal`` given as fractions) are set from ``total_steps``, the run's optimizer steps.
     """
-    overrides: dict[str, Any] = {"task_type": "CAUSAL_LM"}
     node = peft_cfg.config
-    per_backbone = backbone_cfg.get("target_modules") or {}
-    lookup = {"target_modules": peft_cfg.name, "feedforward_modules": f"{peft_cfg.name}_feedforward"}
-    for key, entry in lookup.items():
-        if key in node and node[key] is None and per_backbone.get(entry) is not None:
-            overrides[key] = list(per_backbone[entry])
+    overrides: dict[str, Any] = {"task_type": "CAUSAL_LM"}
+    where = f"conf/peft/{peft_cfg.get('name')}.yaml"
+    for field in ("target_modules", "feedforward_modules"):
+        if field not in node or node[field] is not None:
+            continue
+        found = backbone_targets(peft_cfg, backbone_cfg, field)
+        if found is None:
+            keys = [k for k in (peft_cfg.get("name"), peft_cfg.get("targets")) if k]
+            suffix = "_feedforward" if field == "feedforward_modules" else ""
+            raise ValueError(
+                f"peft={peft_cfg.get('name')}: config.{field} is null in {where} and backbone "
+                f"{backbone_cfg.get('name')} names none under target_modules.{{{', '.join(k + suffix for k in keys)}}} "
+                f"(it has {sorted(backbone_cfg.get('target_modules') or {})}). Add one to "
+                f"conf/backbone/{backbone_cfg.get('name')}.yaml ([] for none) or set peft.config.{field}."
+            )
+        overrides[field] = found
+    config_cls = get_class(node._target_)
+    if issubclass(config_cls, AdaLoraConfig):
+        steps = node.get("total_step") or total_steps
+        if not steps:
+            raise ValueError(
+                f"peft={peft_cfg.get('name')}: AdaLoRA needs its total number of optimizer steps. train() computes it "
+                "from the data (build_model(cfg, total_steps=...)); or set peft.config.total_step."
+            )
+        overrides.update(adalora_schedule(OmegaConf.to_container(node), int(steps)))  # type: ignore[arg-type]
     config = instantiate(node, **overrides, _convert_="all")
-    if getattr(config, "is_prompt_learning", False):
+    if getattr(config, "is_prompt_learning", False) or getattr(config, "is_adaption_prompt", False):
         raise ValueError(
-            f"peft={peft_cfg.name} ({type(config).__name__}) is prompt/prefix learning. IMSM needs an adapter injected "
-            "into the backbone's layers (LoRA, IA3, AdaLoRA, DoRA, LoHa, ...), so the frozen stream is the same "
-            "model with that adapter switched off."
+            f"peft={peft_cfg.get('name')} ({type(config).__name__}) is prompt/prefix learning. IMSM needs an adapter "
+            "injected into the backbone's layers (LoRA, IA3, AdaLoRA, DoRA, LoHa, ...), so the frozen stream is the "
+            "same model with that adapter switched off."
         )
     return config
 
@@ -65,16 +103,20 @@ def attach_adapter(backbone: PreTrainedModel, config: PeftConfig) -> PeftModel:
         return get_peft_model(backbone, config)
     except ValueError as e:
         if "not found in the base model" in str(e) or "Target modules" in str(e):
-            raise ValueError(f"{e}\nLinear modules of this backbone: {linear_module_names(backbone)}") from e
+            raise ValueError(
+                f"{e}\nLinear modules of this backbone ({type(backbone).__name__}): {linear_module_names(backbone)}"
+            ) from e
         raise
 
 
-def build_model(cfg: DictConfig) -> tuple[IMSMModel, PreTrainedTokenizerBase]:
-    """Backbone + fresh adapter + fresh gate, as the run config says. Only adapter and gate train."""
-    backbone, tokenizer = load_backbone(cfg.backbone)
+def wrap_backbone(backbone: PreTrainedModel, cfg: DictConfig, total_steps: int | None = None) -> IMSMModel:
+    """Freeze ``backbone``, inject ``cfg.peft``'s adapter, add ``cfg.gate``: the model that trains.
+
+    Also used by the dry run on a meta-device backbone, so the counts it prints are those of a real run.
+    """
     for p in backbone.parameters():
         p.requires_grad_(False)
-    peft_model = attach_adapter(backbone, build_peft_config(cfg.peft, cfg.backbone))
+    peft_model = attach_adapter(backbone, build_peft_config(cfg.peft, cfg.backbone, total_steps))
     gate = build_gate(
         cfg.gate.type,
         backbone.config.hidden_size,
@@ -86,7 +128,16 @@ def build_model(cfg: DictConfig) -> tuple[IMSMModel, PreTrainedTokenizerBase]:
         gate.to(device=next(backbone.parameters()).device, dtype=torch.float32)
     model = IMSMModel(peft_model, gate, pooling=cfg.gate.pooling)
     model.check_trainable()
-    return model, tokenizer
+    return model
+
+
+def build_model(cfg: DictConfig, total_steps: int | None = None) -> tuple[IMSMModel, PreTrainedTokenizerBase]:
+    """Backbone + fresh adapter + fresh gate, as the run config says. Only adapter and gate train.
+
+    ``total_steps``: the run's optimizer steps (AdaLoRA's budget schedule needs it; other methods ignore it).
+    """
+    backbone, tokenizer = load_backbone(cfg.backbone)
+    return wrap_backbone(backbone, cfg, total_steps), tokenizer
 
 
 def save_model(model: IMSMModel, run_dir: str | Path, cfg: DictConfig | None = None) -> None:

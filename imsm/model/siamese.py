@@ -23,6 +23,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.utils import ModelOutput
 
+from imsm.model.families import Family, family_of
 from imsm.model.gate import FixedGate, LowRankGate
 
 IGNORE_INDEX = -100
@@ -83,12 +84,17 @@ class IMSMModel(nn.Module):
         return self.peft_model.get_base_model()
 
     @property
+    def family(self) -> Family:
+        """Where this architecture keeps its post-norm last hidden state and head (``imsm.model.families``)."""
+        return family_of(self.backbone)
+
+    @property
     def decoder(self) -> nn.Module:
-        return self.backbone.get_decoder()
+        return self.family.decoder(self.backbone)
 
     @property
     def lm_head(self) -> nn.Module:
-        return self.backbone.get_output_embeddings()
+        return self.family.head(self.backbone)
 
     @property
     def uses_frozen_stream(self) -> bool:
@@ -114,14 +120,7 @@ class IMSMModel(nn.Module):
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
         with ctx:
-            out = self.decoder(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=cache is not None,
-            )
-        return out.last_hidden_state
+            return self.family.last_hidden(self.backbone, input_ids, attention_mask, position_ids, cache)
 
     def mix(
         self,
@@ -197,6 +196,21 @@ class IMSMModel(nn.Module):
         return IMSMOutput(loss=loss, logits=logits)
 
     # --- generation ---------------------------------------------------------------------------------------
+    def can_fuse_streams(self) -> bool:
+        """True when both streams can run as one doubled batch (peft's per-row adapter selection).
+
+        peft 0.21 supports ``adapter_names`` (with ``"__base__"`` for the frozen model) for plain LoRA; it raises for
+        DoRA and has no hook for the other methods, which then run as two separate streams.
+        """
+        config = self.peft_model.peft_config.get(self.peft_model.active_adapter)
+        return (
+            config is not None
+            and getattr(config, "peft_type", None) is not None
+            and config.peft_type.value == "LORA"
+            and not getattr(config, "use_dora", False)
+            and hasattr(self.peft_model.base_model, "_enable_peft_forward_hooks")
+        )
+
     @torch.no_grad()
     def generate(
         self,
@@ -206,66 +220,88 @@ class IMSMModel(nn.Module):
         eos_token_id: int | list[int],
         pad_token_id: int,
         streams: str = "imsm",
+        fuse_streams: bool | None = None,
+        stop_check_every: int | None = None,
     ) -> torch.Tensor:
-        """Batched greedy decoding with one KV cache per stream.
+        """Batched greedy decoding with a KV cache per stream.
 
         Args:
             input_ids, attention_mask: (batch, prompt_len), **left**-padded prompts; every real token is query.
             max_new_tokens: decoding budget.
             eos_token_id: id(s) that end a row; that row then emits ``pad_token_id``.
             streams: ``imsm`` (the model as configured), ``base`` (frozen model M alone), ``tuned`` (M' alone).
+            fuse_streams: run M and M' as one doubled batch (rows ``[:b]`` adapter off, ``[b:]`` on), so each
+                step reads the frozen weights once. None: whenever ``can_fuse_streams()``. Same tokens either way.
+            stop_check_every: test "all rows ended" every k steps; each test is a host-device sync on a GPU.
+                None: 1 on CPU, 8 on GPU.
 
         Returns:
-            (batch, n_new) new token ids, n_new <= max_new_tokens, padded after each row's EOS.
+            (batch, n_new) new token ids, n_new <= max_new_tokens, ``pad_token_id`` after each row's EOS.
         """
         if streams not in STREAMS:
             raise ValueError(f"streams={streams!r} is not one of {list(STREAMS)}")
         if attention_mask[:, -1].min() == 0:
             raise ValueError("generate() needs left-padded prompts (the last column must be real tokens)")
-        use_base = streams == "base" or (streams == "imsm" and self.gate is not None)
-        use_tuned = streams != "base"
         mixing = streams == "imsm" and self.gate is not None
-        eos = torch.tensor(
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device
-        )
-        caches = {
-            "base": DynamicCache(config=self.config) if use_base else None,
-            "tuned": DynamicCache(config=self.config) if use_tuned else None,
-        }
+        fuse = mixing and (self.can_fuse_streams() if fuse_streams is None else fuse_streams)
+        device = input_ids.device
+        check_every = stop_check_every or (8 if device.type == "cuda" else 1)
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+        batch, prompt_len = input_ids.shape
+
+        # One attention mask for the whole run, sliced per step (no re-allocation in the loop).
+        full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
         positions = positions_from_mask(attention_mask)
+        if fuse:
+            full_mask = torch.cat([full_mask, full_mask])
+            active = self.peft_model.active_adapter
+            hooks = self.peft_model._enable_peft_forward_hooks(adapter_names=["__base__"] * batch + [active] * batch)
+        else:
+            hooks = contextlib.nullcontext()
+        runs = {  # stream name -> (adapter on?, cache)
+            "base": (False, DynamicCache(config=self.config)) if (mixing or streams == "base") and not fuse else None,
+            "tuned": (True, DynamicCache(config=self.config)) if streams != "base" and not fuse else None,
+            "both": (True, DynamicCache(config=self.config)) if fuse else None,
+        }
 
-        def step(ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor):
-            base = tuned = None
-            if use_base:
-                base = self.stream_hidden(ids, mask, adapter=False, position_ids=pos, cache=caches["base"])
-            if use_tuned:
-                tuned = self.stream_hidden(ids, mask, adapter=True, position_ids=pos, cache=caches["tuned"])
-            return base, tuned
+        def step(ids: torch.Tensor, length: int, pos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            if fuse:
+                both = self.stream_hidden(
+                    torch.cat([ids, ids]), full_mask[:, :length], adapter=True, position_ids=torch.cat([pos, pos]),
+                    cache=runs["both"][1],
+                )
+                return both[:batch], both[batch:]
+            out = {}
+            for name in ("base", "tuned"):
+                if runs[name] is not None:
+                    adapter, cache = runs[name]
+                    out[name] = self.stream_hidden(
+                        ids, full_mask[:, :length], adapter=adapter, position_ids=pos, cache=cache
+                    )
+            return out.get("base"), out.get("tuned")
 
-        base, tuned = step(input_ids, attention_mask, positions)
-        bq = tq = None
-        if mixing and getattr(self.gate, "needs_query", False):
-            bq = pool_query(base, attention_mask, self.pooling)  # computed once: the prompt never changes
-            tq = pool_query(tuned, attention_mask, self.pooling)
-        batch = input_ids.shape[0]
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        last_pos = positions[:, -1:]
-        mask = attention_mask
         out = []
-        for _ in range(max_new_tokens):
-            if mixing:
-                h = self.mix(base[:, -1], tuned[:, -1], bq, tq)
-            else:
-                h = (base if streams == "base" else tuned)[:, -1]
-            next_tok = self.lm_head(h).argmax(-1)
-            next_tok = torch.where(finished, torch.full_like(next_tok, pad_token_id), next_tok)
-            out.append(next_tok)
-            finished |= torch.isin(next_tok, eos)
-            if bool(finished.all()):
-                break
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            last_pos = last_pos + 1
-            base, tuned = step(next_tok.unsqueeze(1), mask, last_pos)
+        with hooks:
+            base, tuned = step(input_ids, prompt_len, positions)
+            bq = tq = None
+            if mixing and getattr(self.gate, "needs_query", False):
+                bq = pool_query(base, attention_mask, self.pooling)  # computed once: the prompt never changes
+                tq = pool_query(tuned, attention_mask, self.pooling)
+            finished = torch.zeros(batch, dtype=torch.bool, device=device)
+            pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
+            last_pos = positions[:, -1:]
+            for i in range(max_new_tokens):
+                if mixing:
+                    h = self.mix(base[:, -1], tuned[:, -1], bq, tq)
+                else:
+                    h = (base if streams == "base" else tuned)[:, -1]
+                next_tok = torch.where(finished, pad, self.lm_head(h).argmax(-1))
+                out.append(next_tok)
+                finished |= torch.isin(next_tok, eos)
+                if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and bool(finished.all())):
+                    break
+                last_pos = last_pos + 1
+                base, tuned = step(next_tok.unsqueeze(1), prompt_len + i + 1, last_pos)
         return torch.stack(out, dim=1)
 
     # --- bookkeeping --------------------------------------------------------------------------------------

@@ -1,0 +1,305 @@
+"""Side-by-side benchmark: IMSM vs vanilla PEFT (and vs the authors' naive decoder), ratios from one run.
+
+``python -m imsm.bench`` (``make bench``) on the embedded SmolLM2; ``--quick`` uses tiny_llama; ``--device cuda`` on
+a GPU. Contenders alternate inside every repeat (the machine is noisy), each number is a median over repeats with
+its spread (min-max), and the JSON lands in ``outputs/bench/``. What is measured:
+
+1. training step time (forward + backward + AdamW step), LoRA, batch 8 x 128 tokens: IMSM (``query_aware``) vs
+   vanilla (``gate=none``, same code), fp32 and bf16 autocast;
+2. greedy decoding tokens/s after a ~100-token prompt, 128 new tokens (EOS ignored), batch 1 and 8: IMSM vs
+   vanilla through the same decoder, and vanilla through ``model.generate``;
+3. peak memory of each (RSS of a fresh subprocess on CPU; ``torch.cuda.max_memory_allocated`` on GPU);
+4. IMSM vs the naive decoder (two model copies, no KV cache, full recomputation each step) at 256 new tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from peft import LoraConfig, get_peft_model
+
+from imsm.backbones import load_backbone
+from imsm.model.gate import build_gate
+from imsm.model.siamese import IMSMModel, pool_query
+
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build(backbone: str, gate: str, device: str, dtype: str = "fp32", seed: int = 0) -> tuple[IMSMModel, Any]:
+    """Backbone + LoRA (paper settings, random non-zero B so the adapter matters) + gate."""
+    cfg = OmegaConf.load(REPO / "conf" / "backbone" / f"{backbone}.yaml")
+    cfg.dtype = dtype
+    model, tok = load_backbone(cfg, device=device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.1, target_modules=list(cfg.target_modules.lora),
+                      init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    g = build_gate(gate, model.config.hidden_size, rank=8, dropout=0.1)
+    if g is not None:
+        g.to(device)
+    return IMSMModel(peft_model, g), tok
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def alternate(contenders: dict[str, Callable[[], Any]], repeats: int, device: str, warmup: int = 1) -> dict[str, dict]:
+    """Time each contender ``repeats`` times, interleaved (A B C A B C ...), after ``warmup`` untimed rounds."""
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            times[name].append(timed(fn, device))
+    return {name: summary(v) for name, v in times.items()}
+
+
+def train_batch(vocab: int, batch: int, seq: int, prompt: int, device: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, vocab, (batch, seq), generator=g)
+    query = torch.zeros_like(ids)
+    query[:, :prompt] = 1
+    labels = ids.masked_fill(query.bool(), -100)
+    return {k: v.to(device) for k, v in
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids), "query_mask": query, "labels": labels}.items()}
+
+
+def train_step_fn(model: IMSMModel, batch: dict, autocast: str, device: str) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ctx = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if autocast == "bf16" \
+        else nullcontext
+
+    def step() -> None:
+        model.train()
+        with ctx():
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def prompt_batch(tok: Any, batch: int, length: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    text = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. " * 8
+    ids = tok(text)["input_ids"][:length]
+    input_ids = torch.tensor([ids] * batch, device=device)
+    return input_ids, torch.ones_like(input_ids)
+
+
+def decode_fn(model: IMSMModel, ids: torch.Tensor, mask: torch.Tensor, new: int, **kw: Any) -> Callable[[], Any]:
+    # eos_token_id=-1: never stops early, so every contender decodes exactly `new` tokens
+    return lambda: model.generate(ids, mask, max_new_tokens=new, eos_token_id=-1, pad_token_id=0, **kw)
+
+
+def hf_generate_fn(model: IMSMModel, ids: torch.Tensor, mask: torch.Tensor, new: int) -> Callable[[], Any]:
+    return lambda: model.peft_model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+    )
+
+
+class NaiveSiamese:
+    """The authors' decoder: two full model copies, no KV cache, both re-run over the whole sequence each step
+    (full-vocabulary logits included, as their ``model(input_ids, output_hidden_states=True)`` calls do)."""
+
+    def __init__(self, model: IMSMModel):
+        self.model = model
+        self.frozen = copy.deepcopy(model.peft_model).unload()  # a second, plain copy of the backbone
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, new: int) -> torch.Tensor:
+        m, seq, q_len = self.model, ids, ids.shape[1]
+        for _ in range(new):
+            query = torch.zeros_like(seq)
+            query[:, :q_len] = 1
+            tuned = m.peft_model(input_ids=seq, output_hidden_states=True, use_cache=False).hidden_states[-1]
+            base = self.frozen(input_ids=seq, output_hidden_states=True, use_cache=False).hidden_states[-1]
+            h = m.mix(base[:, -1:], tuned[:, -1:], pool_query(base, query), pool_query(tuned, query))
+            seq = torch.cat([seq, m.lm_head(h[:, -1]).argmax(-1, keepdim=True)], dim=1)
+        return seq[:, q_len:]
+
+
+def peak_memory(args: argparse.Namespace, contender: str, extra: list[str]) -> float:
+    """Peak memory (MiB) of one contender, measured in a fresh process so earlier allocations don't count."""
+    cmd = [sys.executable, "-m", "imsm.bench", "--memory-probe", contender, "--backbone", args.backbone,
+           "--device", args.device, *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    """Run one contender once and print its peak memory in MiB (the child side of ``peak_memory``)."""
+    import resource
+
+    kind, gate = args.memory_probe.split(":")
+    model, tok = build(args.backbone, gate, args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    if kind == "train":
+        batch = train_batch(len(tok), 8, 128, 64, args.device)
+        fn = train_step_fn(model, batch, "fp32", args.device)
+    else:
+        ids, mask = prompt_batch(tok, 1, 100, args.device)
+        model.eval()
+        fn = decode_fn(model, ids, mask, 128)
+    fn()
+    fn()
+    if args.device.startswith("cuda"):
+        print(torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+
+
+def ratio(a: dict, b: dict) -> float:
+    return a["median"] / b["median"]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    dev = args.device
+    results: dict[str, Any] = {
+        "backbone": args.backbone, "device": dev, "repeats": args.repeats, "torch": torch.__version__,
+        "machine": torch.cuda.get_device_name(0) if dev.startswith("cuda") else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "threads": torch.get_num_threads(),
+    }
+    imsm, tok = build(args.backbone, "query_aware", dev)
+    vanilla = IMSMModel(imsm.peft_model, None)  # same weights, same code, no frozen stream and no gate
+    ratios: dict[str, float] = {}
+
+    # 1. training step
+    for precision in args.train_precisions:
+        batch = train_batch(len(tok), 8, args.train_seq, args.train_seq // 2, dev)
+        res = alternate({"imsm": train_step_fn(imsm, batch, precision, dev),
+                         "vanilla": train_step_fn(vanilla, batch, precision, dev)}, args.repeats, dev)
+        results[f"train_step_s_{precision}"] = res
+        ratios[f"train_step_time_imsm/vanilla_{precision}"] = ratio(res["imsm"], res["vanilla"])
+        print(f"train {precision}: imsm {res['imsm']['median']:.3f}s vanilla {res['vanilla']['median']:.3f}s", flush=True)
+
+    # 2. decoding tokens/s
+    imsm.eval()
+    for precision in args.decode_precisions:
+        dtype = DTYPES[precision]
+        imsm.to(dtype)
+        for bsz in args.batches:
+            ids, mask = prompt_batch(tok, bsz, args.prompt_len, dev)
+            contenders = {
+                "imsm": decode_fn(imsm, ids, mask, args.new_tokens),
+                "imsm_unfused": decode_fn(imsm, ids, mask, args.new_tokens, fuse_streams=False),
+                "vanilla": decode_fn(vanilla, ids, mask, args.new_tokens),
+                "vanilla_hf_generate": hf_generate_fn(imsm, ids, mask, args.new_tokens),
+            }
+            res = alternate(contenders, args.repeats, dev)
+            toks = {k: bsz * args.new_tokens / v["median"] for k, v in res.items()}
+            results[f"decode_{precision}_b{bsz}"] = {"seconds": res, "tokens_per_s": toks}
+            ratios[f"decode_tok_s_imsm/vanilla_{precision}_b{bsz}"] = toks["imsm"] / toks["vanilla"]
+            ratios[f"decode_tok_s_imsm_unfused/vanilla_{precision}_b{bsz}"] = toks["imsm_unfused"] / toks["vanilla"]
+            ratios[f"decode_tok_s_imsm/hf_generate_{precision}_b{bsz}"] = toks["imsm"] / toks["vanilla_hf_generate"]
+            print(f"decode {precision} b{bsz}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in toks.items()), flush=True)
+        imsm.to(torch.float32)
+
+    # 3. peak memory, each contender in its own process
+    if not args.skip_memory:
+        mem = {f"{kind}:{gate}": peak_memory(args, f"{kind}:{gate}", [])
+               for kind in ("train", "decode") for gate in ("query_aware", "none")}
+        results["peak_memory_mib"] = mem
+        for kind in ("train", "decode"):
+            ratios[f"peak_memory_imsm/vanilla_{kind}"] = mem[f"{kind}:query_aware"] / mem[f"{kind}:none"]
+        print(f"peak memory MiB: {mem}", flush=True)
+
+    # 4. the naive decoder (same dtype fp32), batch 1, long generation
+    ids, mask = prompt_batch(tok, 1, args.prompt_len, dev)
+    naive = NaiveSiamese(imsm)
+    res = alternate({"imsm": decode_fn(imsm, ids, mask, args.naive_tokens),
+                     "naive": lambda: naive.generate(ids, args.naive_tokens)}, max(1, args.repeats // 2), dev,
+                    warmup=0)
+    results["naive_vs_imsm_s"] = res
+    ratios[f"speedup_imsm_vs_naive_{args.naive_tokens}tok"] = res["naive"]["median"] / res["imsm"]["median"]
+    results["ratios"] = ratios
+    return results
+
+
+TARGETS = {  # ratio name prefix -> (comparison, bar) from the issue
+    "train_step_time_imsm/vanilla": ("<=", 1.30),
+    "decode_tok_s_imsm/vanilla_bf16_b1": (">=", 0.90),
+    "decode_tok_s_imsm/vanilla_fp32_b1": (">=", 0.70),
+    "peak_memory_imsm/vanilla": ("<=", 1.15),
+    "speedup_imsm_vs_naive": (">=", 10.0),
+}
+
+
+def verdict(name: str, value: float) -> str:
+    for prefix, (op, bar) in TARGETS.items():
+        if name.startswith(prefix):
+            ok = value <= bar if op == "<=" else value >= bar
+            return f"{op} {bar:<5} {'PASS' if ok else 'MISS'}"
+    return "(report)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="smollm2")
+    p.add_argument("--quick", action="store_true", help="tiny_llama, fewer repeats: checks the script in seconds")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=100)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--naive-tokens", type=int, default=256)
+    p.add_argument("--train-seq", type=int, default=128)
+    p.add_argument("--train-precisions", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--decode-precisions", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--out", default=str(REPO / "outputs" / "bench"))
+    p.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_probe:
+        memory_probe(args)
+        return
+    if args.quick:
+        args.backbone, args.repeats = "tiny_llama", min(args.repeats, 3)
+        args.new_tokens, args.naive_tokens = 32, 64
+    results = run(args)
+    print(f"\nIMSM vs vanilla PEFT on {args.backbone}, {results['machine']}, {args.repeats} repeats (median):")
+    for name, value in results["ratios"].items():
+        print(f"  {name:48} {value:7.3f}  {verdict(name, value)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench_{args.backbone}_{args.device.split(':')[0]}_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
