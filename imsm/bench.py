@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from imsm.backbones import load_backbone
+from imsm.backbones import load_backbone, load_tokenizer
 from imsm.model.gate import build_gate
 from imsm.model.siamese import IMSMModel, pool_query
 
@@ -40,11 +41,23 @@ REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build(backbone: str, gate: str, device: str, dtype: str = "fp32", seed: int = 0) -> tuple[IMSMModel, Any]:
-    """Backbone + LoRA (paper settings, random non-zero B so the adapter matters) + gate."""
+def build(
+    backbone: str, gate: str, device: str, dtype: str = "fp32", seed: int = 0, random_init: str | None = None
+) -> tuple[IMSMModel, Any]:
+    """Backbone + LoRA (paper settings, random non-zero B so the adapter matters) + gate.
+
+    ``random_init``: a model directory whose config (and tokenizer) are used with random weights: timing does not
+    depend on the weights' values (EOS is ignored), and a config is a few KB where the weights are not.
+    """
     cfg = OmegaConf.load(REPO / "conf" / "backbone" / f"{backbone}.yaml")
     cfg.dtype = dtype
-    model, tok = load_backbone(cfg, device=device)
+    if random_init:
+        tok = load_tokenizer(random_init)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(random_init), dtype=DTYPES[dtype])
+        model.to(device).eval()
+    else:
+        model, tok = load_backbone(cfg, device=device)
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(seed)
@@ -155,19 +168,24 @@ class NaiveSiamese:
 def peak_memory(args: argparse.Namespace, contender: str, extra: list[str]) -> float:
     """Peak memory (MiB) of one contender, measured in a fresh process so earlier allocations don't count."""
     cmd = [sys.executable, "-m", "imsm.bench", "--memory-probe", contender, "--backbone", args.backbone,
-           "--device", args.device, *extra]
+           "--device", args.device, *(["--random-init", args.random_init] if args.random_init else []), *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def memory_probe(args: argparse.Namespace) -> None:
-    """Run one contender once and print its peak memory in MiB (the child side of ``peak_memory``)."""
-    import resource
+    """Run one contender twice and print its peak memory in MiB (the child side of ``peak_memory``).
+
+    CPU: the process's peak RSS while the contender runs, sampled every millisecond (the peak of loading the
+    weights, which is the same for every contender, is excluded). GPU: ``torch.cuda.max_memory_allocated``.
+    """
+    import gc
+    import threading
+
+    import psutil
 
     kind, gate = args.memory_probe.split(":")
-    model, tok = build(args.backbone, gate, args.device)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    model, tok = build(args.backbone, gate, args.device, random_init=args.random_init)
     if kind == "train":
         batch = train_batch(len(tok), 8, 128, 64, args.device)
         fn = train_step_fn(model, batch, "fp32", args.device)
@@ -175,12 +193,27 @@ def memory_probe(args: argparse.Namespace) -> None:
         ids, mask = prompt_batch(tok, 1, 100, args.device)
         model.eval()
         fn = decode_fn(model, ids, mask, 128)
-    fn()
-    fn()
+    gc.collect()
     if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        fn()
         print(torch.cuda.max_memory_allocated() / 2**20)
-    else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+        return
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    fn()
+    fn()
+    done.set()
+    sampler.join()
+    print(peak[0] / 2**20)
 
 
 def ratio(a: dict, b: dict) -> float:
@@ -192,9 +225,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "backbone": args.backbone, "device": dev, "repeats": args.repeats, "torch": torch.__version__,
         "machine": torch.cuda.get_device_name(0) if dev.startswith("cuda") else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "random_init": args.random_init,
     }
-    imsm, tok = build(args.backbone, "query_aware", dev)
+    imsm, tok = build(args.backbone, "query_aware", dev, random_init=args.random_init)
     vanilla = IMSMModel(imsm.peft_model, None)  # same weights, same code, no frozen stream and no gate
     ratios: dict[str, float] = {}
 
@@ -281,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-precisions", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--decode-precisions", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--random-init", help="model dir: its config and tokenizer with random weights (timing only)")
     p.add_argument("--out", default=str(REPO / "outputs" / "bench"))
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -17,6 +17,7 @@ from imsm.data.base import (
     DataError,
     Example,
     HubSpec,
+    Line,
     Where,
     check_source,
     convert_rows,
@@ -41,19 +42,20 @@ def make_target(answer: str, path: Path | str = "?", lineno: int = 0) -> tuple[s
     if "####" not in answer:
         raise DataError(f"{path}:{lineno}: field 'answer' has no '#### N' final line")
     rationale, final = answer.rsplit("####", 1)
-    final = final.strip().replace(",", "")
+    final = final.strip()
     rationale = CALCULATOR.sub("", rationale).strip()
-    return f"{rationale}\nThe answer is {final}.", final
+    # The target keeps the number as written ("2,125", as the authors' split does); the gold drops the commas.
+    return f"{rationale}\nThe answer is {final}.", final.replace(",", "")
 
 
-def example_from_row(row: dict[str, Any], template: str, where: Where = "?", lineno: int = 0) -> Example:
+def example_from_row(row: dict[str, Any], template: str, where: Where = "?", lineno: Line = 0) -> Example:
     """One raw or hub row ``{"question", "answer"}`` -> Example."""
     question = require(row, "question", where, lineno)
     target, final = make_target(require(row, "answer", where, lineno), where, lineno)
     return Example(prompt=render(template, question=question), target=target, gold=final)
 
 
-def reference_output(output: Any, where: Where, lineno: int) -> tuple[str, Any]:
+def reference_output(output: Any, where: Where, lineno: Line) -> tuple[str, Any]:
     """(target, final number) of a reference row, whose output already ends ``The answer is N.``."""
     found = FINAL_ANSWER.search(output) if isinstance(output, str) else None
     if found is None:
@@ -68,7 +70,7 @@ def load(
     check_source("gsm8k", source)
     bad = BadRows(on_bad_row)
 
-    def convert(row: dict[str, Any], where: Where, lineno: int) -> Example:
+    def convert(row: dict[str, Any], where: Where, lineno: Line) -> Example:
         return example_from_row(row, template, where, lineno)
 
     if source == "reference":
