@@ -21,6 +21,7 @@ from transformers import set_seed
 from imsm.data import load_split
 from imsm.data.collate import TokenizedDataset, TrainCollator
 from imsm.io import write_json, write_jsonl
+from imsm.model.adalora import training_steps
 from imsm.model.build import build_model, save_model
 from imsm.predict import evaluate_examples
 from imsm.training import IMSMTrainer, training_arguments
@@ -71,12 +72,30 @@ def summary_table(result: dict[str, Any]) -> str:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train, save, evaluate; returns the dict written to ``metrics.json``."""
+    """Train, save, evaluate; returns the dict written to ``metrics.json``.
+
+    ``dry_run=true``: build on the meta device, print the trainable-parameter table, return it (``imsm.dryrun``).
+    """
+    if cfg.get("dry_run"):
+        from imsm.dryrun import dry_run
+
+        return dry_run(cfg)
     run_dir = resolve_run_dir(cfg)
-    set_seed(int(cfg.seed))
-    model, tokenizer = build_model(cfg)
     ds = cfg.dataset
     train_examples = load_split(ds, cfg.data_dir, ds.train_split, cfg.max_train_samples)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    args = training_arguments(cfg, str(run_dir / "checkpoints"), world_size=world)
+    # The optimizer-step count is known before the model exists (AdaLoRA's rank schedule is built from it).
+    total_steps = training_steps(
+        len(train_examples),
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        args.num_train_epochs,
+        world,
+        args.max_steps,
+    )
+    set_seed(int(cfg.seed))
+    model, tokenizer = build_model(cfg, total_steps=total_steps)
     train_set = TokenizedDataset(
         train_examples,
         tokenizer,
@@ -85,8 +104,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.chat_template,
         name=f"{ds.name}/{ds.train_split}",
     )
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    args = training_arguments(cfg, str(run_dir / "checkpoints"), world_size=world)
     trainer = IMSMTrainer(
         model=model,
         args=args,

@@ -28,12 +28,16 @@ class IMSMTrainer(Trainer):
         self.gate_learning_rate = gate_learning_rate
         super().__init__(*args, **kwargs)
         model = self.model
-        if isinstance(model, IMSMModel) and adalora_config(model.peft_model) is not None:
-            if not any(isinstance(c, AdaLoraCallback) for c in self.callback_handler.callbacks):
-                self.add_callback(AdaLoraCallback(model.peft_model))
+        needs_allocation = isinstance(model, IMSMModel) and adalora_config(model.peft_model) is not None
+        if needs_allocation and not any(
+            isinstance(c, AdaLoraCallback) for c in self.callback_handler.callbacks
+        ):
+            self.add_callback(AdaLoraCallback(model.peft_model))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        out = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         unwrapped = self.accelerator.unwrap_model(model)
         config = adalora_config(unwrapped.peft_model) if isinstance(unwrapped, IMSMModel) else None
         if config is None or config.orth_reg_weight == 0 or not model.training:

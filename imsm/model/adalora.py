@@ -32,6 +32,21 @@ def adalora_config(peft_model: PeftModel) -> AdaLoraConfig | None:
     return config if isinstance(config, AdaLoraConfig) else None
 
 
+def freeze_ranknum(peft_model: PeftModel) -> int:
+    """Keep AdaLoRA's ``ranknum`` (the constant each layer divides its scaling by) out of training; returns how many.
+
+    peft 0.21.2 creates it with ``requires_grad=False`` but then moves the adapter to the base layer's device/dtype,
+    and the ``ParameterDict`` re-wraps the moved tensor as a *trainable* Parameter: on any bf16 or GPU backbone the
+    optimizer would update it, and since peft never saves it, a reloaded adapter would not match the trained one.
+    """
+    frozen = 0
+    for n, p in peft_model.named_parameters():
+        if ".ranknum." in n and p.requires_grad:
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
 def orthogonal_regularisation(peft_model: PeftModel) -> torch.Tensor:
     """``mean ||P P^T - I||_F`` over the adapter's ``lora_A`` (P = A, r x in) and ``lora_B`` (P = B^T, r x out).
 
@@ -100,7 +115,7 @@ class AdaLoraCallback(TrainerCallback):
 
     def __init__(self, peft_model: PeftModel):
         self.peft_model = peft_model
-        # active ranks (nonzero lora_E entries) after each optimizer step: a trace for tests and logs
+        # ranks kept by the allocator after each optimizer step: a trace for tests and logs
         self.budgets: list[int] = []
 
     def on_train_begin(
@@ -120,11 +135,26 @@ class AdaLoraCallback(TrainerCallback):
     ) -> None:
         # Trainer: optimizer.step() -> on_optimizer_step -> lr_scheduler.step() -> zero_grad() -> global_step += 1
         self.peft_model.base_model.update_and_allocate(state.global_step)
-        self.budgets.append(active_ranks(self.peft_model))
+        self.budgets.append(allocated_ranks(self.peft_model))
+
+
+def allocated_ranks(peft_model: PeftModel) -> int:
+    """Ranks the allocator keeps across the adapter: all ``init_r`` per module until it first prunes, then the
+    ``True`` entries of ``rank_pattern``."""
+    config = adalora_config(peft_model)
+    if config is None:
+        raise ValueError("allocated_ranks: the active adapter is not AdaLoRA")
+    if config.rank_pattern:
+        return int(sum(sum(bool(x) for x in mask) for mask in config.rank_pattern.values()))
+    name = peft_model.active_adapter
+    return sum(
+        p.shape[0] for n, p in peft_model.named_parameters() if ".lora_E." in n and n.endswith(f".{name}")
+    )
 
 
 def active_ranks(peft_model: PeftModel) -> int:
-    """Number of nonzero singular values (``lora_E`` entries) across the AdaLoRA adapter: the rank budget in use."""
+    """Nonzero singular values (``lora_E`` entries) across the adapter: the ranks really in use (``lora_E`` starts
+    at zero, so this counts only after training steps with a nonzero learning rate)."""
     name = peft_model.active_adapter
     return int(
         sum(

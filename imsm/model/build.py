@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from imsm.backbones import load_backbone
-from imsm.model.adalora import adalora_schedule
+from imsm.model.adalora import adalora_schedule, freeze_ranknum
+from imsm.model.families import prepare_backbone
 from imsm.model.gate import build_gate
 from imsm.model.siamese import IMSMModel
 
@@ -114,9 +115,11 @@ def wrap_backbone(backbone: PreTrainedModel, cfg: DictConfig, total_steps: int |
 
     Also used by the dry run on a meta-device backbone, so the counts it prints are those of a real run.
     """
+    prepare_backbone(backbone)
     for p in backbone.parameters():
         p.requires_grad_(False)
     peft_model = attach_adapter(backbone, build_peft_config(cfg.peft, cfg.backbone, total_steps))
+    freeze_ranknum(peft_model)
     gate = build_gate(
         cfg.gate.type,
         backbone.config.hidden_size,
@@ -169,7 +172,7 @@ def load_model(run_dir: str | Path, device: str | None = None) -> tuple[IMSMMode
             raise FileNotFoundError(f"{run_dir} is not an IMSM run directory: {needed} is missing")
     cfg = OmegaConf.load(run_dir / RUN_CONFIG)
     backbone, tokenizer = load_backbone(cfg.backbone, device=device)
-    peft_model = PeftModel.from_pretrained(backbone, run_dir / ADAPTER_DIR)
+    peft_model = PeftModel.from_pretrained(prepare_backbone(backbone), run_dir / ADAPTER_DIR)
     peft_model.eval()
     meta = json.loads((run_dir / GATE_CONFIG).read_text())
     gate = build_gate(

@@ -9,7 +9,9 @@ ChatGLM3-6B (``THUDM/chatglm3-6b``) ships only as remote code, laid out unlike t
   ``transformers.Cache`` objects).
 
 ``ChatGLMFamily`` turns that into what ``IMSMModel`` expects: (batch, seq, d) states, the head, and a cache that
-lives on the stream's cache object (the tuple is kept under ``LEGACY_PAST``).
+lives on the stream's cache object (the tuple is kept under ``LEGACY_PAST``). ``prepare`` aliases the config's
+``num_layers`` as ``num_hidden_layers``, which ``transformers.DynamicCache(config=...)`` reads. Its layers see
+(seq, batch, d) inputs (``batch_first = False``), so peft's per-row adapter selection cannot fuse the two streams.
 
 The real remote code cannot be loaded offline, so ``ChatGLMStandIn`` re-creates its module tree with the same names
 and linear shapes (``query_key_value`` with bias and multi-query groups, ``dense``, ``mlp.dense_h_to_4h`` with the
@@ -35,6 +37,15 @@ class ChatGLMFamily:
     """Last hidden state and head of a ChatGLM2/3 model (remote code, or ``ChatGLMStandIn``)."""
 
     name = "chatglm"
+    batch_first = (
+        False  # layers see (seq, batch, d): peft's per-row adapter_names (fused streams) cannot apply
+    )
+
+    def prepare(self, model: nn.Module) -> None:
+        """Alias ``num_hidden_layers`` to ChatGLM's ``num_layers``: ``DynamicCache(config=...)`` reads it."""
+        config = model.config
+        if getattr(config, "num_hidden_layers", None) is None:
+            config.num_hidden_layers = config.num_layers
 
     def decoder(self, model: nn.Module) -> nn.Module:
         return model.transformer
@@ -69,7 +80,6 @@ class ChatGLMStandInConfig(PretrainedConfig):
     """The fields of ChatGLM3's ``config.json`` that fix module names and shapes (defaults: chatglm3-6b)."""
 
     model_type = "chatglm"
-    attribute_map = {"num_hidden_layers": "num_layers"}
 
     def __init__(
         self,

@@ -21,6 +21,9 @@ class Family(Protocol):
     """What ``IMSMModel`` needs from a backbone."""
 
     name: str
+    batch_first: bool  # the backbone's layers see (batch, seq, d) inputs
+
+    def prepare(self, model: nn.Module) -> None: ...
 
     def decoder(self, model: nn.Module) -> nn.Module: ...
 
@@ -52,6 +55,10 @@ class DecoderFamily:
     """Transformers' decoder-only models: ``get_decoder()`` and ``get_output_embeddings()``."""
 
     name = "decoder"
+    batch_first = True
+
+    def prepare(self, model: nn.Module) -> None:
+        """Nothing to adjust: transformers' own classes already fit."""
 
     def decoder(self, model: nn.Module) -> nn.Module:
         return model.get_decoder()
@@ -88,3 +95,9 @@ def family_of(model: nn.Module) -> Family:
     """The adapter for ``model`` (a ``PreTrainedModel``), chosen by ``config.model_type``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return FAMILIES.get(model_type, GENERIC)
+
+
+def prepare_backbone(model: nn.Module) -> nn.Module:
+    """Small, idempotent fix-ups a family needs before IMSM uses the backbone (see each family's ``prepare``)."""
+    family_of(model).prepare(model)
+    return model

@@ -200,11 +200,13 @@ class IMSMModel(nn.Module):
         """True when both streams can run as one doubled batch (peft's per-row adapter selection).
 
         peft 0.21 supports ``adapter_names`` (with ``"__base__"`` for the frozen model) for plain LoRA; it raises for
-        DoRA and has no hook for the other methods, which then run as two separate streams.
+        DoRA and has no hook for the other methods, which then run as two separate streams. ChatGLM's layers see
+        (seq, batch, d) inputs, which peft's per-row selection cannot split.
         """
         config = self.peft_model.peft_config.get(self.peft_model.active_adapter)
         return (
-            config is not None
+            self.family.batch_first
+            and config is not None
             and getattr(config, "peft_type", None) is not None
             and config.peft_type.value == "LORA"
             and not getattr(config, "use_dora", False)
