@@ -20,6 +20,7 @@ from transformers import set_seed
 
 from imsm.data import load_split
 from imsm.data.collate import TokenizedDataset, TrainCollator
+from imsm.evaluate import evaluate_datasets
 from imsm.io import write_json, write_jsonl
 from imsm.model.adalora import training_steps
 from imsm.model.build import build_model, save_model
@@ -56,12 +57,16 @@ def evaluate_on(
 
 
 def summary_table(result: dict[str, Any]) -> str:
-    m, b = result["metrics"], result.get("base_metrics") or {}
-    lines = [f"{'':24}{'trained':>12}{'frozen base':>14}"]
-    for k, v in m.items():
-        if isinstance(v, float):
-            base = f"{b[k]:.4f}" if isinstance(b.get(k), float) else "-"
-            lines.append(f"{result['dataset'] + ' ' + k:24}{v:>12.4f}{base:>14}")
+    """One screen: each metric of the trained model next to the frozen model's on the same examples."""
+    rows = [(result["dataset"], result["metrics"], result.get("base_metrics") or {})]
+    for name, metrics in (result.get("eval_datasets") or {}).items():
+        rows.append((name, metrics, (result.get("base_eval_datasets") or {}).get(name, {})))
+    lines = [f"{'':28}{'trained':>12}{'frozen base':>14}"]
+    for name, m, b in rows:
+        for k, v in m.items():
+            if isinstance(v, float):
+                base = f"{b[k]:.4f}" if isinstance(b.get(k), float) else "-"
+                lines.append(f"{name + ' ' + k:28}{v:>12.4f}{base:>14}")
     p = result["trainable_parameters"]
     lines += [
         f"trainable: adapter {p['adapter']:,} + gate {p['gate']:,} = {p['total']:,}",
@@ -143,6 +148,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.eval.compare_base:
             result["base_metrics"], base_rows = evaluate_on(model, tokenizer, cfg, streams="base")
             write_jsonl(run_dir / "predictions_base.jsonl", base_rows)
+        if cfg.eval_datasets:
+            # the forgetting row: the trained model (and the frozen one) on other tasks' evaluation splits
+            others = {"imsm": "eval", "base": "eval_base"} if cfg.eval.compare_base else {"imsm": "eval"}
+            for streams, sub in others.items():
+                key = "eval_datasets" if streams == "imsm" else "base_eval_datasets"
+                result[key] = evaluate_datasets(
+                    model, tokenizer, list(cfg.eval_datasets), cfg.data_dir, cfg.max_eval_samples,
+                    run_dir / sub, cfg.eval.batch_size, cfg.max_input_length, cfg.chat_template, streams,
+                )
     else:
         result["metrics"] = {}
     result["eval_seconds"] = time.perf_counter() - start

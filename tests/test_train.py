@@ -213,3 +213,15 @@ def test_prompt_and_target_join_with_nothing_between():
     assert f["input_ids"] == tok("Question: 2+2?\nAnswer:")["input_ids"] + tok(
         " 4", add_special_tokens=False
     )["input_ids"] + [tok.eos_token_id]
+
+
+def test_train_evaluates_the_forgetting_datasets(tmp_path, gsm_dir):
+    """eval_datasets adds a row per dataset (trained and frozen), written under eval/ and eval_base/."""
+    run_dir = tmp_path / "run"
+    cfg = compose_train([*tiny_overrides(run_dir, gsm_dir), "eval_datasets=[gsm8k]", "trainer.args.max_steps=1"])
+    result = train(cfg)
+    assert result["eval_datasets"]["gsm8k"]["n"] == 3
+    assert result["base_eval_datasets"]["gsm8k"]["n"] == 3
+    for sub in ("eval", "eval_base"):
+        assert (run_dir / sub / "gsm8k" / "predictions.jsonl").exists()
+        assert json.loads((run_dir / sub / "metrics.json").read_text())["gsm8k"]["n"] == 3
