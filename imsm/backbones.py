@@ -31,6 +31,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from imsm.distributed import outside_zero3_init
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -110,8 +112,9 @@ def _tiny_model(cfg: Any, vocab_size: int, dtype: torch.dtype) -> PreTrainedMode
     seed = arch.pop("seed", 0)
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **arch)
     gen = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # same tiny weights every time, whatever the run's seed
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    torch.manual_seed(seed)  # same tiny weights every time, whatever the run's seed (and with ZeRO-3)
+    with outside_zero3_init():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     torch.random.set_rng_state(gen)
     return model
 

@@ -31,6 +31,9 @@ TINY_VOCAB = (
 ADALORA_PLACEHOLDER_STEPS = 1000  # AdaLoRA's schedule needs a step count; no parameter count depends on it
 PAPER_BACKBONES = ("chatglm3", "qwen1_5", "llama2", "llama3", "llama3_1")
 PAPER_METHODS = ("lora", "ia3", "adalora", "dora")
+# Figure 3's baseline: LoRAMoE on Llama2-7B. Per routed linear (in -> out): router in x E + E r (in + out), so with
+# E 6, r 4 on gate/up (4096 -> 11008) and down (11008 -> 4096): 32 x (2 x 387,072 + 428,544) = 38,486,016.
+FIGURE3_ROWS = (("llama2", "loramoe"),)
 COLUMNS = (
     ("backbone", 10),
     ("peft", 8),
@@ -137,7 +140,8 @@ def format_table(rows: list[dict[str, Any]], header: bool = True) -> str:
 
 
 def paper_table(overrides: list[str] | None = None) -> list[dict[str, Any]]:
-    """Dry-run rows for every paper backbone x method (extra Hydra ``overrides`` apply to all)."""
+    """Dry-run rows for every paper backbone x method, then Figure 3's LoRAMoE row (extra Hydra ``overrides``
+    apply to all)."""
     from hydra import compose, initialize_config_dir
 
     conf = str(Path(__file__).resolve().parents[1] / "conf")
@@ -149,6 +153,11 @@ def paper_table(overrides: list[str] | None = None) -> list[dict[str, Any]]:
                     "train", [f"backbone={backbone}", f"peft={method}", "dry_run=true", *(overrides or [])]
                 )
                 rows.append(dry_run(cfg, print_header=i == j == 0))
+        for backbone, method in FIGURE3_ROWS:
+            cfg = compose(
+                "train", [f"backbone={backbone}", f"peft={method}", "dry_run=true", *(overrides or [])]
+            )
+            rows.append(dry_run(cfg, print_header=False))
     return rows
 
 

@@ -3,31 +3,58 @@
 - The loss comes from ``IMSMModel.forward`` (response tokens only), so ``Trainer.compute_loss`` is unchanged.
 - The gate gets its own learning rate (the authors trained it at 1e-3) in its own optimizer parameter group; the
   optimizer class itself is whatever ``TrainingArguments.optim`` names (AdamW, Adafactor, ...).
-- Checkpoints and the final save hold the adapter and the gate only, never the frozen backbone.
+- Checkpoints and the final save hold the adapter and the gate only, never the frozen backbone (with DeepSpeed
+  too, gathered under ZeRO-3). A checkpoint also holds optimizer, scheduler, RNG states and the step, counts once
+  every rank has saved its part, and is what a re-run resumes from; a NaN loss stops before its update
+  (``imsm.resilience``). Activation checkpointing goes to the backbone (``imsm.distributed``).
 - AdaLoRA: the loss gets peft's orthogonal regulariser (IMSM's loss is computed outside ``PeftModel.forward``, where
   peft would add it) and ``AdaLoraCallback`` re-allocates the rank budget every optimizer step.
+- LoRAMoE: the loss gets its localized balancing constraint (the batch's ``task_type`` and the routing weights
+  the tuned stream recorded), as the official model adds it to its own loss.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate.utils import DeepSpeedSchedulerWrapper
 from omegaconf import DictConfig, OmegaConf
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import SCHEDULER_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from imsm import distributed, resilience
 from imsm.model.adalora import AdaLoraCallback, adalora_config, orthogonal_regularisation
 from imsm.model.build import save_model
+from imsm.model.loramoe import loramoe_model
 from imsm.model.siamese import IMSMModel
 
 
 class IMSMTrainer(Trainer):
-    """``Trainer`` with a gate learning rate, adapter-only checkpoints and complete AdaLoRA training."""
+    """``Trainer`` with a gate learning rate, adapter-only resumable checkpoints and complete AdaLoRA training."""
 
-    def __init__(self, *args: Any, gate_learning_rate: float | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        gate_learning_rate: float | None = None,
+        run_config: DictConfig | None = None,
+        **kwargs: Any,
+    ):
         self.gate_learning_rate = gate_learning_rate
+        # saved as config.yaml in every checkpoint too: each checkpoint is a run directory load_model opens
+        self.run_config = run_config
         super().__init__(*args, **kwargs)
         model = self.model
+        if self.args.activation_checkpointing and isinstance(model, IMSMModel):
+            # on the backbone, here: Trainer.train would look for the method on IMSMModel itself
+            distributed.enable_activation_checkpointing(
+                model.backbone, self.args.activation_checkpointing_kwargs
+            )
+            self.args.activation_checkpointing = self.args.gradient_checkpointing = False
         needs_allocation = isinstance(model, IMSMModel) and adalora_config(model.peft_model) is not None
         if needs_allocation and not any(
             isinstance(c, AdaLoraCallback) for c in self.callback_handler.callbacks
@@ -35,14 +62,25 @@ class IMSMTrainer(Trainer):
             self.add_callback(AdaLoraCallback(model.peft_model))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
+        # read before the forward: the parent may pop labels from the batch
+        labels, task_type, attention_mask = (inputs.get(k) for k in ("labels", "task_type", "attention_mask"))
         out = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
         unwrapped = self.accelerator.unwrap_model(model)
-        config = adalora_config(unwrapped.peft_model) if isinstance(unwrapped, IMSMModel) else None
-        if config is None or config.orth_reg_weight == 0 or not model.training:
+        if not isinstance(unwrapped, IMSMModel) or not model.training:
             return out
-        reg = config.orth_reg_weight * orthogonal_regularisation(unwrapped.peft_model)
+        reg = None
+        config = adalora_config(unwrapped.peft_model)
+        if config is not None and config.orth_reg_weight != 0:
+            reg = config.orth_reg_weight * orthogonal_regularisation(unwrapped.peft_model)
+        loramoe = loramoe_model(unwrapped.peft_model)
+        if loramoe is not None and labels is not None:
+            # LoRAMoE's localized balancing constraint on the routing of the tuned stream that just ran
+            lbc = loramoe.balance_loss(task_type, attention_mask)
+            reg = lbc if reg is None else reg + lbc
+        if reg is None:
+            return out
         return (out[0] + reg, out[1]) if return_outputs else out + reg
 
     def create_optimizer(self, model=None):  # noqa: D102 - same contract as Trainer
@@ -69,10 +107,74 @@ class IMSMTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        if isinstance(model, IMSMModel):
-            save_model(model, output_dir)
-        else:  # pragma: no cover - Trainer only ever wraps an IMSMModel here
+        if not isinstance(model, IMSMModel):  # pragma: no cover - Trainer only ever wraps an IMSMModel here
             super()._save(output_dir, state_dict)
+            return
+        # ZeRO-3: every rank joins the gather of adapter + gate; rank 0 writes
+        with distributed.gathered_trainable(model):
+            if self.args.should_save:
+                save_model(model, output_dir, self.run_config)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:  # noqa: D102
+        if self.is_deepspeed_enabled:
+            # straight to _save (adapter + gate, gathered under ZeRO-3): Trainer would gather the whole backbone
+            self._save(output_dir or self.args.output_dir)
+            return
+        super().save_model(output_dir, _internal_call)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_deepspeed_enabled:
+            super()._save_optimizer_and_scheduler(output_dir)
+            return
+        # DeepSpeed's checkpoint without the frozen backbone (Trainer leaves it out only for a bare PeftModel)
+        with resilience.trainable_module_states(self.model_wrapped):
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), str(Path(output_dir) / SCHEDULER_NAME))
+
+    # --- resilience (imsm.resilience) ---------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D102 - same contract as Trainer
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # before the optimizer step: a NaN never reaches the weights or a checkpoint
+        resilience.check_finite_loss(loss, self.state.global_step + 1, self.state.epoch, self.args.output_dir)
+        return loss
+
+    def _save_checkpoint(self, model, trial) -> None:  # noqa: D102
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotated below, only once this checkpoint is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        folder = Path(self._get_output_dir(trial=trial))
+        checkpoint = folder / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.args.should_save and not self.is_deepspeed_enabled:  # DeepSpeed resumes from its own files
+            resilience.save_trainable(unwrapped, checkpoint / resilience.TRAINABLE_WEIGHTS)
+        self.accelerator.wait_for_everyone()  # every rank's RNG state and shards are on disk
+        if self.args.should_save:
+            resilience.mark_complete(checkpoint, self.state.global_step)
+            resilience.rotate_checkpoints(folder, limit)
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
+    ) -> None:
+        """Adapter and gate from ``trainable.safetensors`` (Trainer's loader expects a full or a peft model)."""
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not isinstance(target, IMSMModel):  # pragma: no cover
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        path = Path(resume_from_checkpoint) / resilience.TRAINABLE_WEIGHTS
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint} has no {resilience.TRAINABLE_WEIGHTS}: not an IMSM checkpoint"
+            )
+        resilience.load_trainable(target, path)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):  # noqa: D102
+        resuming_deepspeed = self.is_deepspeed_enabled and resume_from_checkpoint
+        with resilience.deepspeed_resume() if resuming_deepspeed else contextlib.nullcontext():
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
 def training_arguments(cfg: DictConfig, output_dir: str, world_size: int = 1) -> TrainingArguments:
@@ -88,4 +190,9 @@ def training_arguments(cfg: DictConfig, output_dir: str, world_size: int = 1) ->
     if effective:
         args["gradient_accumulation_steps"] = max(1, math.ceil(int(effective) / (per_device * world_size)))
     args.setdefault("report_to", "none")
-    return TrainingArguments(output_dir=output_dir, seed=int(cfg.seed), remove_unused_columns=False, **args)
+    args = distributed.launcher_arguments(args, world_size)
+    training_args = TrainingArguments(
+        output_dir=output_dir, seed=int(cfg.seed), remove_unused_columns=False, **args
+    )
+    distributed.check_world_size(training_args, world_size)
+    return training_args

@@ -1,8 +1,10 @@
 """Datasets: raw files -> ``Example`` (one module each), tokenisation and collation.
 
 Each ``conf/dataset/<name>.yaml`` names its loader (``loader._target_``: a module's ``load`` function), its
-``source`` (``raw`` | ``reference`` | ``hub``), its template and its metric; ``load_split`` calls that loader for one
-split and applies a sample limit. ``dataset_config`` reads one of those files by name (evaluation on many datasets).
+``source`` (``raw`` | ``reference`` | ``hub``), its template, its metric and its ``task_type`` (1 world-knowledge QA,
+0 other: LoRAMoE's balancing constraint); ``load_split`` calls that loader for one split, applies a sample limit
+and stamps each example with the task type. ``dataset_config`` reads one of those files by name (evaluation on many
+datasets).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from imsm.data.base import SOURCES, DataError, Example, check_source
+from imsm.data.base import SOURCES, DataError, Example, check_source, check_task_type
 
 DATASET_CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "dataset"
 
@@ -39,7 +41,12 @@ def load_split(
         source=source,
         on_bad_row=dataset_cfg.get("on_bad_row") or "error",
     )
-    return examples[:limit] if limit else examples
+    examples = examples[:limit] if limit else examples
+    task_type = check_task_type(dataset_cfg.get("name", "dataset"), dataset_cfg.get("task_type"))
+    if task_type is not None:  # a loader may set its own per-example type first (a mixture of tasks)
+        for ex in examples:
+            ex.meta.setdefault("task_type", task_type)
+    return examples
 
 
 def dataset_names(conf_dir: Path = DATASET_CONF_DIR) -> list[str]:

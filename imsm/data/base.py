@@ -320,3 +320,23 @@ def load_hub(spec: HubSpec, split: str, dataset: str, convert: Convert, bad: Bad
 def check_source(dataset: str, source: str) -> None:
     if source not in SOURCES:
         raise DataError(f"{dataset}: source={source!r} is not one of {list(SOURCES)}")
+
+
+# --- the task type (LoRAMoE's localized balancing constraint) ----------------------------------------------------
+
+TASK_TYPES = {1: "world-knowledge QA (closed-book questions)", 0: "any other task"}
+
+
+def check_task_type(dataset: str, value: Any) -> int | None:
+    """A dataset's ``task_type`` (``conf/dataset/<name>.yaml``): 1 world-knowledge QA, 0 other, None unset.
+
+    LoRAMoE's balancing constraint weights one half of the experts up for world-knowledge samples and the other half
+    for the rest; ``load_split`` stamps each example (``Example.meta["task_type"]``), the collator batches it.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or value not in TASK_TYPES:
+        raise DataError(
+            f"{dataset}: task_type={value!r} (conf/dataset/{dataset}.yaml) is not one of {TASK_TYPES} or null"
+        )
+    return int(value)

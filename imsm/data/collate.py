@@ -6,7 +6,8 @@ longer than ``max_input_length`` keeps its *last* tokens: the question and the a
 template, and losing the instruction's start hurts less than losing them. Truncations are counted, never silent.
 
 Training batches are right-padded: ``input_ids``, ``attention_mask``, ``labels`` (-100 on prompt and pad),
-``query_mask`` (1 on prompt tokens). Generation batches are left-padded prompts (all real tokens are query).
+``query_mask`` (1 on prompt tokens), and ``task_type`` (one per row, from the dataset's setting) when set.
+Generation batches are left-padded prompts (all real tokens are query).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def encode_example(
     chat_template: bool = False,
     stats: Truncation | None = None,
 ) -> dict[str, list[int]]:
-    """``{"input_ids", "labels", "query_len"}`` for one training example."""
+    """``{"input_ids", "labels", "query_len"}`` for one training example, and ``task_type`` when it has one."""
     prompt_ids = encode_prompt(tokenizer, example.prompt, max_input_length, chat_template, stats)
     target_ids = tokenizer(example.target, add_special_tokens=False)["input_ids"]
     if len(target_ids) > max_output_length - 1:
@@ -87,11 +88,14 @@ def encode_example(
     target_ids = target_ids + [tokenizer.eos_token_id]
     if stats is not None:
         stats.total += 1
-    return {
+    features = {
         "input_ids": prompt_ids + target_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
         "query_len": [len(prompt_ids)],
     }
+    if example.meta.get("task_type") is not None:  # the dataset's task_type (LoRAMoE's balancing constraint)
+        features["task_type"] = [int(example.meta["task_type"])]
+    return features
 
 
 class TokenizedDataset(Dataset):
@@ -122,7 +126,8 @@ class TokenizedDataset(Dataset):
 
 @dataclass
 class TrainCollator:
-    """Right-pads features into ``input_ids, attention_mask, labels, query_mask`` (all (batch, seq))."""
+    """Right-pads features into ``input_ids, attention_mask, labels, query_mask`` (all (batch, seq)), plus
+    ``task_type`` (batch,) when the examples carry one (LoRAMoE's balancing constraint reads it)."""
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
@@ -143,12 +148,21 @@ class TrainCollator:
             labels[i, :k] = torch.tensor(f["labels"])
             attention_mask[i, :k] = 1
             query_mask[i, : f["query_len"][0]] = 1
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "query_mask": query_mask,
         }
+        types = [f.get("task_type") for f in features]
+        if any(t is not None for t in types):
+            if any(t is None for t in types):
+                raise ValueError(
+                    "TrainCollator: some examples of this batch have a task_type and others none; set task_type "
+                    "in every conf/dataset file of the mix (1 world-knowledge QA, 0 other)"
+                )
+            batch["task_type"] = torch.tensor([t[0] for t in types], dtype=torch.long)
+        return batch
 
 
 def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Build an ``IMSMModel`` from the run config, save it into a run directory, and load it back.
 
-A run directory holds ``adapter/`` (peft ``save_pretrained``: loadable by plain ``PeftModel.from_pretrained``),
+A run directory holds ``adapter/`` (peft ``save_pretrained``: loadable by plain ``PeftModel.from_pretrained``;
+LoRAMoE, not a peft method, writes the same two files with ``peft_type: LORAMOE``, see ``imsm.model.loramoe``),
 ``gate.safetensors`` + ``gate.json`` (never pickle) and ``config.yaml`` (the resolved run config, which says how to
 rebuild the backbone).
 """
@@ -23,6 +24,7 @@ from imsm.backbones import load_backbone
 from imsm.model.adalora import adalora_schedule, freeze_ranknum
 from imsm.model.families import prepare_backbone
 from imsm.model.gate import build_gate
+from imsm.model.loramoe import LoRAMoEConfig, LoRAMoEModel, is_loramoe_adapter
 from imsm.model.siamese import IMSMModel
 
 log = logging.getLogger(__name__)
@@ -98,9 +100,14 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
-def attach_adapter(backbone: PreTrainedModel, config: PeftConfig) -> PeftModel:
-    """``get_peft_model`` with an error listing the model's linear modules when a target does not exist."""
+def attach_adapter(backbone: PreTrainedModel, config: PeftConfig | LoRAMoEConfig) -> PeftModel | LoRAMoEModel:
+    """``get_peft_model`` with an error listing the model's linear modules when a target does not exist.
+
+    LoRAMoE is not a peft method: its layers are injected by ``imsm.model.loramoe`` behind the same interface.
+    """
     try:
+        if isinstance(config, LoRAMoEConfig):
+            return LoRAMoEModel(backbone, config)
         return get_peft_model(backbone, config)
     except ValueError as e:
         if "not found in the base model" in str(e) or "Target modules" in str(e):
@@ -172,7 +179,9 @@ def load_model(run_dir: str | Path, device: str | None = None) -> tuple[IMSMMode
             raise FileNotFoundError(f"{run_dir} is not an IMSM run directory: {needed} is missing")
     cfg = OmegaConf.load(run_dir / RUN_CONFIG)
     backbone, tokenizer = load_backbone(cfg.backbone, device=device)
-    peft_model = PeftModel.from_pretrained(prepare_backbone(backbone), run_dir / ADAPTER_DIR)
+    loramoe = is_loramoe_adapter(run_dir / ADAPTER_DIR)  # not a peft method: its own loader, same interface
+    load_adapter = LoRAMoEModel.from_pretrained if loramoe else PeftModel.from_pretrained
+    peft_model = load_adapter(prepare_backbone(backbone), run_dir / ADAPTER_DIR)
     peft_model.eval()
     meta = json.loads((run_dir / GATE_CONFIG).read_text())
     gate = build_gate(

@@ -169,6 +169,7 @@ class IMSMModel(nn.Module):
         query_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_logits: bool = False,
+        task_type: torch.Tensor | None = None,
     ) -> IMSMOutput:
         """Loss on response tokens (and optionally logits at every position).
 
@@ -177,6 +178,8 @@ class IMSMModel(nn.Module):
             query_mask: (batch, seq), 1 on prompt tokens.
             labels: (batch, seq), ``-100`` on prompt and padding; position t is predicted from t-1.
             return_logits: also return (batch, seq, vocab) logits (tests and debugging; costly).
+            task_type: (batch,) per-row task type from the collator; unused here: ``IMSMTrainer.compute_loss``
+                reads it from the batch for LoRAMoE's balancing loss, which needs the routing of this forward.
         """
         base, tuned, bq, tq = self._streams(input_ids, attention_mask, query_mask)
         logits = self.lm_head(self.mix(base, tuned, bq, tq)) if return_logits else None

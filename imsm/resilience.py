@@ -1,0 +1,287 @@
+"""A killed job costs minutes, not the run: complete checkpoints, resume, NaN and out-of-memory stops.
+
+- A checkpoint (every ``trainer.args.save_steps`` optimizer steps, in ``<run_dir>/checkpoints/checkpoint-<step>``)
+  holds what a resumed run needs: every trainable tensor by exact parameter name (``trainable.safetensors``, what
+  resume reads), the adapter + gate + config (a checkpoint is also a run directory ``load_model`` opens), optimizer,
+  scheduler, each rank's RNG states and ``trainer_state.json`` (the data position: the global step, from which
+  Trainer skips the batches already seen; its seedable sampler draws the same order again).
+- It counts only once ``checkpoint.complete`` exists, written by rank 0 after every rank saved its part. A job killed
+  mid-save leaves a directory without it: resume skips it and deletes it. Older checkpoints are removed only after a
+  newer one is complete (``rotate_checkpoints``), so a complete one always survives.
+- ``resume``: ``auto`` continues from the last complete checkpoint if there is one, ``true`` requires one,
+  ``false`` starts afresh (deleting this run directory's checkpoints, so a later ``auto`` cannot pick them), a path
+  resumes from that checkpoint.
+- A NaN or infinite loss stops the run before that step's update (``NonFiniteLossError``, naming the step and the
+  last good checkpoint, which is kept); out of GPU memory, the error says which settings to lower (``explain_oom``).
+- Nothing is unpickled: weights are safetensors; optimizer, scheduler and RNG load with ``torch.load(weights_only=
+  True)`` (Trainer's loaders); DeepSpeed's own checkpoint files load the same way (``deepspeed_resume``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
+
+from imsm.io import write_json
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "checkpoint.complete"
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+CHECKPOINTS = "checkpoints"
+_STEP = re.compile(r"^checkpoint-(\d+)$")
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+def checkpoint_dirs(folder: str | Path) -> list[Path]:
+    """``checkpoint-<step>`` directories in ``folder``, oldest step first (complete or not)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _STEP.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def is_complete(checkpoint: str | Path) -> bool:
+    return (Path(checkpoint) / COMPLETE).is_file()
+
+
+def last_complete_checkpoint(folder: str | Path) -> Path | None:
+    """The highest-step checkpoint whose every part was written, or None."""
+    complete = [p for p in checkpoint_dirs(folder) if is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def mark_complete(checkpoint: str | Path, step: int) -> None:
+    """Written last (atomically), once every rank has saved its part of ``checkpoint``."""
+    write_json(Path(checkpoint) / COMPLETE, {"global_step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def rotate_checkpoints(folder: str | Path, keep: int | None) -> None:
+    """Keep the newest ``keep`` complete checkpoints; delete older ones and incomplete ones below the newest."""
+    dirs = checkpoint_dirs(folder)
+    complete = [p for p in dirs if is_complete(p)]
+    if not complete:
+        return
+    kept = set(complete[-keep:]) if keep and keep > 0 else set(complete)
+    newest = complete[-1]
+    for p in dirs:
+        if p not in kept and dirs.index(p) < dirs.index(newest):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_incomplete(folder: str | Path) -> list[Path]:
+    """Delete checkpoint directories a crash left half-written; returns them."""
+    removed = [p for p in checkpoint_dirs(folder) if not is_complete(p)]
+    for p in removed:
+        log.warning("removing incomplete checkpoint %s (the job stopped while saving it)", p)
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def resolve_resume(resume: Any, folder: str | Path, main_process: bool = True) -> str | None:
+    """The checkpoint to resume from (None: start afresh), from the ``resume`` setting.
+
+    Args:
+        resume: ``auto`` / None (the last complete checkpoint if any), ``true`` (it must exist), ``false`` (start
+            afresh: rank 0 deletes ``folder``'s checkpoints), or a checkpoint directory.
+        folder: ``<run_dir>/checkpoints``.
+        main_process: only rank 0 deletes anything.
+    """
+    folder = Path(folder)
+    text = str(resume).strip().lower() if resume is not None else "auto"
+    if text in ("auto", "none", "null", ""):
+        found = last_complete_checkpoint(folder)
+        if main_process:
+            remove_incomplete(folder)
+        if found is not None:
+            log.info("resuming from %s (resume=auto found it; resume=false starts afresh)", found)
+        return None if found is None else str(found)
+    if text == "false":
+        if main_process and checkpoint_dirs(folder):
+            log.warning("resume=false: deleting the earlier checkpoints in %s", folder)
+            for p in checkpoint_dirs(folder):
+                shutil.rmtree(p, ignore_errors=True)
+        return None
+    if text == "true":
+        found = last_complete_checkpoint(folder)
+        if found is None:
+            raise FileNotFoundError(
+                f"resume=true but {folder} holds no complete checkpoint (directories: "
+                f"{[p.name for p in checkpoint_dirs(folder)]}). Use the same run_dir as the interrupted run, or "
+                "resume=auto / resume=false to start afresh."
+            )
+        if main_process:
+            remove_incomplete(folder)
+        return str(found)
+    path = Path(str(resume))
+    if not is_complete(path):
+        raise FileNotFoundError(
+            f"resume={resume}: not a complete checkpoint directory (no {COMPLETE}); complete ones in {folder}: "
+            f"{[p.name for p in checkpoint_dirs(folder) if is_complete(p)]}"
+        )
+    return str(path)
+
+
+def save_trainable(model: torch.nn.Module, path: str | Path) -> None:
+    """Every trainable tensor by its exact parameter name: what resume loads back, whatever the PEFT method."""
+    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(tensors, str(path))
+
+
+def load_trainable(model: torch.nn.Module, path: str | Path) -> None:
+    """Copy ``save_trainable``'s tensors into ``model``; every trainable name and shape must match."""
+    tensors = load_file(str(path))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    wrong = [
+        (n, tuple(t.shape), tuple(params[n].shape))
+        for n, t in tensors.items()
+        if n in params and t.shape != params[n].shape
+    ]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path} does not match this model (was the run's config changed since the checkpoint?): "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape (saved, model) {wrong[:5]}"
+        )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
+
+
+@contextlib.contextmanager
+def deepspeed_resume() -> Iterator[None]:
+    """Resume from DeepSpeed's checkpoint files without unpickling them, and without the frozen backbone in them.
+
+    - DeepSpeed (0.19) reads its files with ``torch.load(weights_only=False)``; here they load with
+      ``weights_only=True``, allow-listing only the few DeepSpeed value types they hold (loss scaler, ZeRO stage,
+      fragment addresses).
+    - Trainer loads the module states strictly unless the model is a bare ``PeftModel``; IMSM's checkpoints leave
+      the frozen backbone out (``IMSMTrainer._save_optimizer_and_scheduler``), so the load must be non-strict.
+    """
+    import transformers.trainer as hf_trainer
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    original_load, original_resume = TorchCheckpointEngine.load, hf_trainer.deepspeed_load_checkpoint
+
+    def load(self: Any, path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    def resume(engine: Any, checkpoint: str, load_module_strict: bool = True) -> None:
+        original_resume(engine, checkpoint, load_module_strict=False)
+
+    TorchCheckpointEngine.load = load  # type: ignore[method-assign]
+    hf_trainer.deepspeed_load_checkpoint = resume
+    try:
+        yield
+    finally:
+        TorchCheckpointEngine.load = original_load  # type: ignore[method-assign]
+        hf_trainer.deepspeed_load_checkpoint = original_resume
+
+
+@contextlib.contextmanager
+def trainable_module_states(engine: Any) -> Iterator[None]:
+    """Inside: DeepSpeed checkpoints hold only the trainable weights of the module (adapter + gate).
+
+    ``save_checkpoint(exclude_frozen_parameters=True)`` drops frozen weights by their ``named_parameters`` name, which
+    lists a tied weight once: a tied head (``lm_head.weight`` = the embeddings) would stay in every checkpoint.
+    """
+    trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+    original = engine.module_state_dict
+
+    def module_state_dict(*args: Any, **kwargs: Any) -> Any:
+        states = original(*args, **kwargs)
+        for name in [n for n in states if n not in trainable]:
+            del states[name]
+        return states
+
+    engine.module_state_dict = module_state_dict
+    try:
+        yield
+    finally:
+        del engine.module_state_dict  # back to the class's method
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """Non-tensor types DeepSpeed writes into its checkpoint files (plain values, no code)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+# --- failures ----------------------------------------------------------------------------------------------------
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: the run stops before the update that would spread it into the weights."""
+
+
+def check_finite_loss(loss: torch.Tensor, step: int, epoch: float | None, checkpoints: str | Path) -> None:
+    """Raise ``NonFiniteLossError`` naming the optimizer step when ``loss`` is NaN or infinite.
+
+    Args:
+        loss: the micro-batch loss (any shape).
+        step: the 1-based optimizer step this micro-batch belongs to.
+        epoch: fractional epoch, for the message.
+        checkpoints: the checkpoint folder; the message names its last complete checkpoint (kept).
+    """
+    if bool(torch.isfinite(loss.detach()).all()):
+        return
+    value = loss.detach().float().flatten()[0].item()
+    last = last_complete_checkpoint(checkpoints)
+    kept = f"the last good checkpoint {last} is kept" if last else f"no checkpoint in {checkpoints} yet"
+    where = f"optimizer step {step}" + (f" (epoch {epoch:.2f})" if epoch is not None else "")
+    raise NonFiniteLossError(
+        f"loss is {value} at {where}: training stopped before that step's update; {kept}. Usual causes: a learning "
+        "rate too high (peft.optimizer.learning_rate, gate.lr), fp16 overflow (use trainer.args.bf16=true or fp32), "
+        "a batch without response tokens (max_output_length, truncated targets). resume=true continues from the "
+        "checkpoint with the same settings."
+    )
+
+
+def oom_advice(cfg: DictConfig, phase: str) -> str:
+    """Which settings to lower, with their current values, for an out-of-memory error in ``phase``."""
+    args = cfg.trainer.args
+    if phase == "eval":
+        return (
+            "out of GPU memory while evaluating. Lower eval.batch_size (now "
+            f"{cfg.eval.batch_size}), max_input_length (now {cfg.max_input_length}) or eval.max_new_tokens "
+            f"(now {cfg.eval.max_new_tokens or 'the dataset default'})."
+        )
+    checkpointing = bool(args.get("gradient_checkpointing") or args.get("activation_checkpointing"))
+    tips = [
+        f"trainer.args.per_device_train_batch_size (now {args.get('per_device_train_batch_size')}; "
+        "trainer.effective_batch_size keeps the effective batch by raising gradient accumulation)",
+        f"max_input_length (now {cfg.max_input_length}) / max_output_length (now {cfg.max_output_length})",
+    ]
+    if not checkpointing:
+        tips.append(
+            "trainer.args.activation_checkpointing=true (recompute activations: ~30% slower, far less memory)"
+        )
+    if not (args.get("bf16") or args.get("fp16")) and cfg.backbone.get("dtype") == "fp32":
+        tips.append("mixed precision: trainer.args.bf16=true or backbone.dtype=bf16")
+    tips.append(
+        "shard or offload with DeepSpeed: trainer=deepspeed_z2 / deepspeed_z3, optimizer states to CPU with "
+        "trainer.args.deepspeed.zero_optimization.offload_optimizer.device=cpu"
+    )
+    return "out of GPU memory while training. Lower, in this order: " + "; ".join(tips) + "."
+
+
+@contextlib.contextmanager
+def explain_oom(cfg: DictConfig, phase: str) -> Iterator[None]:
+    """Re-raise ``torch.OutOfMemoryError`` with ``oom_advice`` in front of torch's own message."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise torch.OutOfMemoryError(f"{oom_advice(cfg, phase)}\n{e}") from e

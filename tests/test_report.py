@@ -1,0 +1,241 @@
+"""imsm.report on hand-made metrics.json files: exact means, stds, t-test p-values, failures, grouping, files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from imsm.report import ReportError, build_table, load_runs, main, paired_ttest, report
+
+SETUP = {"max_train_samples": 64, "max_eval_samples": 40}
+# ROPES F1 over seeds 1, 2, 3: IMSM - vanilla = 5, 6, 5 points -> t = 16 with 2 degrees of freedom
+ROPES = {"none": [0.50, 0.52, 0.51], "query_aware": [0.55, 0.58, 0.56]}
+WEBQ = {"none": [0.20, 0.30, 0.25], "query_aware": [0.30, 0.20, 0.40]}
+
+
+def write_run(root: Path, name: str, **fields) -> Path:
+    run = {
+        "status": "ok",
+        "experiment": "table2",
+        "backbone": "smollm2",
+        "peft": "lora",
+        "gate": "none",
+        "gate_rank": 0,
+        "dataset": "ropes",
+        "seed": 1,
+        "eval_dataset_names": ["webq"],
+        "setup": SETUP,
+    }
+    run.update(fields)
+    path = root / name / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(run))
+    return path
+
+
+def forgetting_runs(root: Path, failed_seed: int | None = None) -> None:
+    """LoRA vanilla / IMSM on ROPES (+ WebQ), 3 seeds; AdaLoRA + IMSM failed for every seed."""
+    for gate in ("none", "query_aware"):
+        for i, seed in enumerate((1, 2, 3)):
+            if gate == "query_aware" and seed == failed_seed:
+                write_run(
+                    root,
+                    f"{gate}_s{seed}",
+                    gate=gate,
+                    gate_rank=8,
+                    seed=seed,
+                    status="failed",
+                    error="RuntimeError: boom",
+                )
+                continue
+            write_run(
+                root,
+                f"{gate}_s{seed}",
+                gate=gate,
+                gate_rank=8 if gate != "none" else 0,
+                seed=seed,
+                metrics={"exact_match": 0.1, "f1": ROPES[gate][i], "n": 40},
+                base_metrics={"exact_match": 0.1, "f1": 0.40, "n": 40},
+                eval_datasets={"webq": {"accuracy": WEBQ[gate][i], "n": 40}},
+                base_eval_datasets={"webq": {"accuracy": 0.35, "n": 40}},
+            )
+    for seed in (1, 2, 3):
+        write_run(
+            root,
+            f"adalora_s{seed}",
+            peft="adalora",
+            gate="query_aware",
+            gate_rank=8,
+            seed=seed,
+            status="failed",
+            error="ValueError: bad rank",
+        )
+    (root / "none_s1" / "eval" / "webq").mkdir(parents=True)  # per-dataset files are not runs
+    (root / "none_s1" / "eval" / "webq" / "metrics.json").write_text(json.dumps({"dataset": "webq"}))
+
+
+def test_paired_ttest_matches_the_closed_form():
+    # paired differences 5, 6, 5: mean 16/3, sd 1/sqrt(3) -> t = 16, df 2; P(|T2| > t) = 1 - t / sqrt(t^2 + 2)
+    p = paired_ttest({1: 55.0, 2: 58.0, 3: 56.0}, {1: 50.0, 2: 52.0, 3: 51.0})
+    assert p == pytest.approx(1 - 16 / math.sqrt(258), rel=1e-9)
+    assert paired_ttest({1: 1.0, 2: 2.0}, {1: 0.0, 3: 1.0}) is None  # one common seed: no test
+    assert paired_ttest({1: 1.0, 2: 2.0}, {1: 1.0, 2: 2.0}) is None  # no difference at all: nan -> no mark
+
+
+def test_table_cells_means_stds_stars_original_and_failures(tmp_path):
+    forgetting_runs(tmp_path)
+    out = tmp_path / "report"
+    path = report(tmp_path, out=out)
+    md = (out / "table2.md").read_text()
+    lines = {tuple(c.strip() for c in line.strip("|").split("|"))[2]: line for line in md.splitlines()[2:]}
+    # ropes: 50, 52, 51 -> 51.00 ± 1.00; 55, 58, 56 -> 56.33 ± 1.53, p = 0.0039 -> *
+    assert "| 51.00 ± 1.00 |" in lines["LoRA"]
+    assert "| 56.33 ± 1.53* |" in lines["LoRA + IMSM"]
+    # webq: 20, 30, 25 -> 25.00 ± 5.00; 30, 20, 40 -> 30.00 ± 10.00; differences 10, -10, 15: not significant
+    assert "| 25.00 ± 5.00 |" in lines["LoRA"] and "| 30.00 ± 10.00 |" in lines["LoRA + IMSM"]
+    assert "| 40.00 | 35.00 | 37.50 | - |" in lines["Original"]
+    # a method whose every seed failed shows as failed in each cell, never as a gap or a zero
+    assert "| failed | failed | - | - |" in lines["AdaLoRA + IMSM"]
+    report_md = path.read_text()
+    assert "Failed runs:" in report_md and "ValueError: bad rank" in report_md
+    assert "![forgetting](table2_forgetting.png)" in report_md
+
+    rows = list(csv.DictReader(io.StringIO((out / "table2.csv").read_text())))
+    imsm_ropes = next(r for r in rows if r["method"] == "LoRA + IMSM" and r["dataset"] == "ropes")
+    assert float(imsm_ropes["p_value_vs_vanilla"]) == pytest.approx(1 - 16 / math.sqrt(258), rel=1e-5)
+    assert imsm_ropes["significant"] == "True" and json.loads(imsm_ropes["values"]) == [55.0, 58.0, 56.0]
+    # Avg per seed: vanilla 35, 41, 38; IMSM 42.5, 39, 48 -> differences 7.5, -2, 10
+    avg = next(r for r in rows if r["method"] == "LoRA + IMSM" and r["dataset"] == "Avg")
+    from scipy.stats import ttest_rel
+
+    assert float(avg["p_value_vs_vanilla"]) == pytest.approx(
+        ttest_rel([42.5, 39, 48], [35, 41, 38]).pvalue, rel=1e-5
+    )
+    failed = next(r for r in rows if r["method"] == "AdaLoRA + IMSM" and r["dataset"] == "ropes")
+    assert failed["n"] == "0" and failed["n_failed"] == "3" and failed["mean"] == ""
+
+    tex = (out / "table2.tex").read_text()
+    assert r"56.33 $\pm$ 1.53$^*$" in tex and r"\toprule" in tex
+    forgetting = (out / "table2_forgetting.md").read_text()
+    assert "| 56.33 (+16.33) | 30.00 (-5.00) |" in forgetting  # score (change vs Original)
+    assert (out / "table2_forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failed_seed_is_counted_in_its_cell(tmp_path):
+    forgetting_runs(tmp_path, failed_seed=3)
+    out = tmp_path / "r"
+    report(tmp_path, out=out)
+    md = (out / "table2.md").read_text()
+    # IMSM ropes over seeds 1, 2 only: 55, 58 -> 56.50 ± 2.12, and the failed seed is shown
+    assert "56.50 ± 2.12 (1 failed)" in md
+
+
+def test_incompatible_runs_are_reported_separately(tmp_path):
+    write_run(tmp_path, "a", metrics={"f1": 0.5}, eval_datasets={"webq": {"accuracy": 0.1}})
+    write_run(
+        tmp_path, "b", metrics={"f1": 0.9}, eval_dataset_names=["webq", "mrpc"], setup=SETUP
+    )  # another evaluation set
+    write_run(tmp_path, "c", metrics={"f1": 0.7}, setup={**SETUP, "max_eval_samples": 10})
+    out = tmp_path / "r"
+    text = report(tmp_path, out=out).read_text()
+    assert text.count("## table2") == 3
+    tables = [(out / f"{n}.md").read_text() for n in ("table2", "table2_b", "table2_c")]
+    cells = sorted(next(c for c in ("50.00", "90.00", "70.00") if c in t) for t in tables)
+    assert cells == ["50.00", "70.00", "90.00"]  # each alone, none averaged with another
+
+
+def test_rerun_replaces_the_older_run_of_the_same_seed(tmp_path):
+    old = write_run(tmp_path, "old", metrics={"f1": 0.1}, eval_dataset_names=[])
+    new = write_run(tmp_path, "new", metrics={"f1": 0.3}, eval_dataset_names=[])
+    os.utime(old, (1, 1))
+    os.utime(new, (2, 2))
+    report(tmp_path, out=tmp_path / "r")
+    assert "| 30.00 |" in (tmp_path / "r" / "table2.md").read_text()
+
+
+def test_table1_layout_one_row_per_method_across_targets(tmp_path):
+    for target, score in (("mrpc", 0.8), ("cola", 0.4)):
+        metric = {"mrpc": {"accuracy": 0.7, "f1": score}, "cola": {"mcc": score, "accuracy": 0.9}}[target]
+        write_run(
+            tmp_path,
+            f"{target}",
+            experiment="table1",
+            dataset=target,
+            eval_dataset_names=[],
+            metrics=metric,
+            base_metrics=metric,
+        )
+    table = build_table("table1", load_runs(tmp_path))
+    assert table.columns == ["mrpc", "cola"] and not table.show_target and not table.forgetting
+    assert len(table.rows) == 2  # Original, LoRA: each spans both targets (F1 for MRPC, MCC for CoLA)
+    md = report(tmp_path, out=tmp_path / "r").read_text()
+    assert "| smollm2 | LoRA | 80.00 | 40.00 | 60.00 | - |" in md
+    assert not (tmp_path / "r" / "table1_forgetting.png").exists()
+
+
+def test_gate_rank_rows_and_plot(tmp_path):
+    for rank, f1 in ((4, 0.2), (8, 0.3), (16, 0.25)):
+        write_run(
+            tmp_path,
+            f"r{rank}",
+            experiment="table6",
+            dataset="gsm8k",
+            gate="query_aware",
+            gate_rank=rank,
+            eval_datasets={"webq": {"accuracy": f1}},
+            metrics={"accuracy": f1},
+            base_metrics={"accuracy": 0.1},
+            base_eval_datasets={"webq": {"accuracy": 0.1}},
+        )
+    out = tmp_path / "r"
+    md = report(tmp_path, out=out).read_text()
+    for rank in (4, 8, 16):
+        assert f"LoRA + IMSM (r={rank})" in md
+    assert (out / "table6_rank.png").exists() and (out / "table6_forgetting.png").exists()
+
+
+def test_speed_runs_make_the_tokens_per_second_table(tmp_path):
+    for seed, (imsm, vanilla) in ((1, (90.0, 100.0)), (2, (80.0, 100.0))):
+        write_run(
+            tmp_path,
+            f"s{seed}",
+            experiment="table5",
+            gate="query_aware",
+            seed=seed,
+            eval_dataset_names=[],
+            setup={"speed": {"new_tokens": 8}},
+            speed={"tokens_per_s": {"imsm": imsm, "vanilla": vanilla}, "imsm/vanilla": imsm / vanilla},
+        )
+    write_run(
+        tmp_path,
+        "ia3",
+        experiment="table5",
+        peft="ia3",
+        status="failed",
+        error="OOM",
+        eval_dataset_names=[],
+        setup={"speed": {"new_tokens": 8}},
+    )
+    md = report(tmp_path, out=tmp_path / "r").read_text()
+    assert "| smollm2 | LoRA | 100.0 ± 0.0 | 85.0 ± 7.1 | 0.850 ± 0.071 |" in md
+    assert "| smollm2 | IA3 | failed | failed | failed |" in md
+
+
+def test_no_runs_or_unknown_table_is_a_clear_message(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "no runs under" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    write_run(tmp_path, "a", metrics={"f1": 0.5})
+    assert main([str(tmp_path), "--table", "table9"]) == 2
+    assert "experiments found: ['table2']" in capsys.readouterr().err
+    with pytest.raises(ReportError):
+        report(tmp_path, table="table9")
+    assert main([str(tmp_path), "--table", "table2"]) == 0
+    assert "| smollm2 | ropes | LoRA | 50.00 |" in capsys.readouterr().out
