@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from imsm.backbones import load_backbone
+from imsm.io import write_json, write_text_atomic
 from imsm.model.adalora import adalora_schedule, freeze_ranknum
 from imsm.model.families import prepare_backbone
 from imsm.model.gate import build_gate
@@ -166,9 +167,9 @@ def save_model(model: IMSMModel, run_dir: str | Path, cfg: DictConfig | None = N
         state = {k: v.detach().contiguous().cpu() for k, v in model.gate.state_dict().items()}
         if state:
             save_file(state, str(run_dir / GATE_WEIGHTS))
-    (run_dir / GATE_CONFIG).write_text(json.dumps(gate_meta, indent=2))
+    write_json(run_dir / GATE_CONFIG, gate_meta)
     if cfg is not None:
-        (run_dir / RUN_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_text_atomic(run_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def load_model(run_dir: str | Path, device: str | None = None) -> tuple[IMSMModel, PreTrainedTokenizerBase]:
