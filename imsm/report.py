@@ -183,11 +183,15 @@ def group_runs(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def paired_ttest(treated: dict[int, float], control: dict[int, float]) -> float | None:
-    """Two-sided paired t-test over the seeds both have (``scipy.stats.ttest_rel``); None below 2 pairs."""
+    """Two-sided paired t-test over the seeds both have (``scipy.stats.ttest_rel``).
+
+    None below 2 pairs, and when every pair differs by the same amount: the differences have no variance, the test
+    is undefined (scipy would give p = 0 for a constant non-zero difference, a "significant" 2-seed tie of zeros).
+    """
     from scipy.stats import ttest_rel
 
     seeds = sorted(set(treated) & set(control))
-    if len(seeds) < 2:
+    if len(seeds) < 2 or len({round(treated[s] - control[s], 9) for s in seeds}) == 1:
         return None
     p = float(ttest_rel([treated[s] for s in seeds], [control[s] for s in seeds]).pvalue)
     return None if math.isnan(p) else p

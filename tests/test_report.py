@@ -86,6 +86,7 @@ def test_paired_ttest_matches_the_closed_form():
     assert p == pytest.approx(1 - 16 / math.sqrt(258), rel=1e-9)
     assert paired_ttest({1: 1.0, 2: 2.0}, {1: 0.0, 3: 1.0}) is None  # one common seed: no test
     assert paired_ttest({1: 1.0, 2: 2.0}, {1: 1.0, 2: 2.0}) is None  # no difference at all: nan -> no mark
+    assert paired_ttest({1: 0.0, 2: 0.0}, {1: 5.0, 2: 5.0}) is None  # constant difference: no test
 
 
 def test_table_cells_means_stds_stars_original_and_failures(tmp_path):
