@@ -61,8 +61,14 @@ def build(
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(seed)
-    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.1, target_modules=list(cfg.target_modules.lora),
-                      init_lora_weights=False, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        target_modules=list(cfg.target_modules.lora),
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, lora)
     g = build_gate(gate, model.config.hidden_size, rank=8, dropout=0.1)
     if g is not None:
@@ -87,7 +93,9 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def alternate(contenders: dict[str, Callable[[], Any]], repeats: int, device: str, warmup: int = 1) -> dict[str, dict]:
+def alternate(
+    contenders: dict[str, Callable[[], Any]], repeats: int, device: str, warmup: int = 1
+) -> dict[str, dict]:
     """Time each contender ``repeats`` times, interleaved (A B C A B C ...), after ``warmup`` untimed rounds."""
     for _ in range(warmup):
         for fn in contenders.values():
@@ -105,15 +113,25 @@ def train_batch(vocab: int, batch: int, seq: int, prompt: int, device: str) -> d
     query = torch.zeros_like(ids)
     query[:, :prompt] = 1
     labels = ids.masked_fill(query.bool(), -100)
-    return {k: v.to(device) for k, v in
-            {"input_ids": ids, "attention_mask": torch.ones_like(ids), "query_mask": query, "labels": labels}.items()}
+    return {
+        k: v.to(device)
+        for k, v in {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "query_mask": query,
+            "labels": labels,
+        }.items()
+    }
 
 
 def train_step_fn(model: IMSMModel, batch: dict, autocast: str, device: str) -> Callable[[], None]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ctx = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)) if autocast == "bf16" \
+    ctx = (
+        (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16))
+        if autocast == "bf16"
         else nullcontext
+    )
 
     def step() -> None:
         model.train()
@@ -127,20 +145,29 @@ def train_step_fn(model: IMSMModel, batch: dict, autocast: str, device: str) -> 
 
 
 def prompt_batch(tok: Any, batch: int, length: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    text = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. " * 8
+    text = (
+        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. " * 8
+    )
     ids = tok(text)["input_ids"][:length]
     input_ids = torch.tensor([ids] * batch, device=device)
     return input_ids, torch.ones_like(input_ids)
 
 
-def decode_fn(model: IMSMModel, ids: torch.Tensor, mask: torch.Tensor, new: int, **kw: Any) -> Callable[[], Any]:
+def decode_fn(
+    model: IMSMModel, ids: torch.Tensor, mask: torch.Tensor, new: int, **kw: Any
+) -> Callable[[], Any]:
     # eos_token_id=-1: never stops early, so every contender decodes exactly `new` tokens
     return lambda: model.generate(ids, mask, max_new_tokens=new, eos_token_id=-1, pad_token_id=0, **kw)
 
 
 def hf_generate_fn(model: IMSMModel, ids: torch.Tensor, mask: torch.Tensor, new: int) -> Callable[[], Any]:
     return lambda: model.peft_model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
     )
 
 
@@ -167,8 +194,19 @@ class NaiveSiamese:
 
 def peak_memory(args: argparse.Namespace, contender: str, extra: list[str]) -> float:
     """Peak memory (MiB) of one contender, measured in a fresh process so earlier allocations don't count."""
-    cmd = [sys.executable, "-m", "imsm.bench", "--memory-probe", contender, "--backbone", args.backbone,
-           "--device", args.device, *(["--random-init", args.random_init] if args.random_init else []), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "imsm.bench",
+        "--memory-probe",
+        contender,
+        "--backbone",
+        args.backbone,
+        "--device",
+        args.device,
+        *(["--random-init", args.random_init] if args.random_init else []),
+        *extra,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -223,9 +261,15 @@ def ratio(a: dict, b: dict) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     dev = args.device
     results: dict[str, Any] = {
-        "backbone": args.backbone, "device": dev, "repeats": args.repeats, "torch": torch.__version__,
-        "machine": torch.cuda.get_device_name(0) if dev.startswith("cuda") else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "threads": torch.get_num_threads(), "random_init": args.random_init,
+        "backbone": args.backbone,
+        "device": dev,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "machine": torch.cuda.get_device_name(0)
+        if dev.startswith("cuda")
+        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "threads": torch.get_num_threads(),
+        "random_init": args.random_init,
     }
     imsm, tok = build(args.backbone, "query_aware", dev, random_init=args.random_init)
     vanilla = IMSMModel(imsm.peft_model, None)  # same weights, same code, no frozen stream and no gate
@@ -234,11 +278,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # 1. training step
     for precision in args.train_precisions:
         batch = train_batch(len(tok), 8, args.train_seq, args.train_seq // 2, dev)
-        res = alternate({"imsm": train_step_fn(imsm, batch, precision, dev),
-                         "vanilla": train_step_fn(vanilla, batch, precision, dev)}, args.repeats, dev)
+        res = alternate(
+            {
+                "imsm": train_step_fn(imsm, batch, precision, dev),
+                "vanilla": train_step_fn(vanilla, batch, precision, dev),
+            },
+            args.repeats,
+            dev,
+        )
         results[f"train_step_s_{precision}"] = res
         ratios[f"train_step_time_imsm/vanilla_{precision}"] = ratio(res["imsm"], res["vanilla"])
-        print(f"train {precision}: imsm {res['imsm']['median']:.3f}s vanilla {res['vanilla']['median']:.3f}s", flush=True)
+        print(
+            f"train {precision}: imsm {res['imsm']['median']:.3f}s vanilla {res['vanilla']['median']:.3f}s",
+            flush=True,
+        )
 
     # 2. decoding tokens/s
     imsm.eval()
@@ -257,15 +310,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             toks = {k: bsz * args.new_tokens / v["median"] for k, v in res.items()}
             results[f"decode_{precision}_b{bsz}"] = {"seconds": res, "tokens_per_s": toks}
             ratios[f"decode_tok_s_imsm/vanilla_{precision}_b{bsz}"] = toks["imsm"] / toks["vanilla"]
-            ratios[f"decode_tok_s_imsm_unfused/vanilla_{precision}_b{bsz}"] = toks["imsm_unfused"] / toks["vanilla"]
-            ratios[f"decode_tok_s_imsm/hf_generate_{precision}_b{bsz}"] = toks["imsm"] / toks["vanilla_hf_generate"]
-            print(f"decode {precision} b{bsz}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in toks.items()), flush=True)
+            ratios[f"decode_tok_s_imsm_unfused/vanilla_{precision}_b{bsz}"] = (
+                toks["imsm_unfused"] / toks["vanilla"]
+            )
+            ratios[f"decode_tok_s_imsm/hf_generate_{precision}_b{bsz}"] = (
+                toks["imsm"] / toks["vanilla_hf_generate"]
+            )
+            print(
+                f"decode {precision} b{bsz}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in toks.items()),
+                flush=True,
+            )
         imsm.to(torch.float32)
 
     # 3. peak memory, each contender in its own process
     if not args.skip_memory:
-        mem = {f"{kind}:{gate}": peak_memory(args, f"{kind}:{gate}", [])
-               for kind in ("train", "decode") for gate in ("query_aware", "none")}
+        mem = {
+            f"{kind}:{gate}": peak_memory(args, f"{kind}:{gate}", [])
+            for kind in ("train", "decode")
+            for gate in ("query_aware", "none")
+        }
         results["peak_memory_mib"] = mem
         for kind in ("train", "decode"):
             ratios[f"peak_memory_imsm/vanilla_{kind}"] = mem[f"{kind}:query_aware"] / mem[f"{kind}:none"]
@@ -274,9 +337,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # 4. the naive decoder (same dtype fp32), batch 1, long generation
     ids, mask = prompt_batch(tok, 1, args.prompt_len, dev)
     naive = NaiveSiamese(imsm)
-    res = alternate({"imsm": decode_fn(imsm, ids, mask, args.naive_tokens),
-                     "naive": lambda: naive.generate(ids, args.naive_tokens)}, max(1, args.repeats // 2), dev,
-                    warmup=0)
+    res = alternate(
+        {
+            "imsm": decode_fn(imsm, ids, mask, args.naive_tokens),
+            "naive": lambda: naive.generate(ids, args.naive_tokens),
+        },
+        max(1, args.repeats // 2),
+        dev,
+        warmup=0,
+    )
     results["naive_vs_imsm_s"] = res
     ratios[f"speedup_imsm_vs_naive_{args.naive_tokens}tok"] = res["naive"]["median"] / res["imsm"]["median"]
     results["ratios"] = ratios
@@ -303,7 +372,9 @@ def verdict(name: str, value: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="smollm2")
-    p.add_argument("--quick", action="store_true", help="tiny_llama, fewer repeats: checks the script in seconds")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny_llama, fewer repeats: checks the script in seconds"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -314,7 +385,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-precisions", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--decode-precisions", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--skip-memory", action="store_true")
-    p.add_argument("--random-init", help="model dir: its config and tokenizer with random weights (timing only)")
+    p.add_argument(
+        "--random-init", help="model dir: its config and tokenizer with random weights (timing only)"
+    )
     p.add_argument("--out", default=str(REPO / "outputs" / "bench"))
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -325,7 +398,9 @@ def main(argv: list[str] | None = None) -> None:
         args.backbone, args.repeats = "tiny_llama", min(args.repeats, 3)
         args.new_tokens, args.naive_tokens = 32, 64
     results = run(args)
-    print(f"\nIMSM vs vanilla PEFT on {args.backbone}, {results['machine']}, {args.repeats} repeats (median):")
+    print(
+        f"\nIMSM vs vanilla PEFT on {args.backbone}, {results['machine']}, {args.repeats} repeats (median):"
+    )
     for name, value in results["ratios"].items():
         print(f"  {name:48} {value:7.3f}  {verdict(name, value)}")
     out = Path(args.out)

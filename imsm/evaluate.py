@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +60,16 @@ def evaluate_datasets(
     *,
     max_new_tokens: int | None = None,
     source: str | None = None,
+    limits: Mapping[str, int | None] | None = None,
+    autocast: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Generate and score the evaluation split of each named dataset.
 
     Args:
         names: file names in ``conf/dataset/`` (e.g. ``["webq", "freebaseqa", "multirc", "mrpc"]``).
         limit: first N examples of each split (None: all).
+        limits: per-dataset overrides of ``limit`` (``{"multirc": None, "webq": 200}``).
+        autocast: ``bf16`` / ``fp16`` autocast during generation (None: the weights' precision).
         out_dir: receives ``<name>/metrics.json``, ``<name>/predictions.jsonl`` and ``metrics.json`` (all of them).
         streams: ``imsm``, ``base`` (frozen model alone) or ``tuned``.
         max_new_tokens: overrides each dataset's ``max_new_tokens``.
@@ -80,7 +85,8 @@ def evaluate_datasets(
         if source:
             ds.source = source
         split = ds.eval_split
-        examples = load_split(ds, data_dir, split, limit)
+        n = limits[name] if limits and name in limits else limit
+        examples = load_split(ds, data_dir, split, n)
         log.info("[%d/%d] %s/%s (%s): %d examples", i, len(configs), name, split, ds.source, len(examples))
         start = time.perf_counter()
         metrics, rows = evaluate_examples(
@@ -94,6 +100,7 @@ def evaluate_datasets(
             chat_template=chat_template,
             streams=streams,
             desc=f"{name} ({streams})",
+            autocast=autocast,
         )
         info = {
             "dataset": name,
@@ -101,7 +108,8 @@ def evaluate_datasets(
             "source": ds.source,
             "metric": ds.metric,
             "streams": streams,
-            "limit": limit,
+            "limit": n,
+            "autocast": autocast,
             "seconds": round(time.perf_counter() - start, 2),
             "metrics": metrics,
         }
@@ -157,6 +165,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         streams,
         max_new_tokens=cfg.max_new_tokens,
         source=cfg.source,
+        autocast=cfg.get("autocast"),
     )
     label = "base model" if cfg.model == "base" else f"{cfg.run_dir} (streams={streams})"
     print(f"\n{label}, limit={cfg.limit}\n{results_table(results)}\noutputs: {out_dir}", flush=True)

@@ -6,6 +6,7 @@ decoded, and returned in the original order with the per-example verdict.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -16,6 +17,17 @@ from imsm.data.base import Example
 from imsm.data.collate import Truncation, encode_prompt, left_pad
 from imsm.metrics import score
 from imsm.model.siamese import IMSMModel
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_context(device: torch.device, precision: str | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``bf16`` / ``fp16``, nothing for None or ``fp32``; anything else is an error."""
+    if precision in (None, "fp32"):
+        return contextlib.nullcontext()
+    if precision not in AUTOCAST:
+        raise ValueError(f"autocast={precision!r} is not one of [null, fp32, {', '.join(AUTOCAST)}]")
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST[precision])
 
 
 def generate_texts(
@@ -29,8 +41,13 @@ def generate_texts(
     chat_template: bool = False,
     streams: str = "imsm",
     desc: str = "generate",
+    autocast: str | None = None,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (original order)."""
+    """Greedy continuations of ``prompts`` (original order).
+
+    ``autocast`` ``bf16`` / ``fp16`` runs the matmuls in that precision (``torch.autocast``) over fp32 weights;
+    None: the weights' own precision.
+    """
     stats = Truncation(total=len(prompts))
     encoded = [encode_prompt(tokenizer, p, max_input_length, chat_template, stats) for p in prompts]
     stats.report(desc)
@@ -42,7 +59,7 @@ def generate_texts(
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         idx = order[start : start + batch_size]
         input_ids, attention_mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast_context(device, autocast):
             new = model.generate(
                 input_ids.to(device),
                 attention_mask.to(device),

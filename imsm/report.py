@@ -48,6 +48,7 @@ GATE_SUFFIX = {
     "no_query": " + IMSM w/o query",
     "fixed": " + IMSM w/o gate",
 }
+RANKLESS_GATES = ("none", "fixed")
 TARGET_ORDER = ("mrpc", "cola", "ropes", "gsm8k")  # Table 1's columns
 ORIGINAL = "original"
 ALPHA = 0.05
@@ -219,7 +220,8 @@ def row_sort_key(row: RowKey, backbones: list[str], targets: list[str]) -> tuple
 def build_table(name: str, runs: list[dict[str, Any]]) -> Table:
     """Cells of one group: trained rows from each run's scores, the Original row from its frozen-backbone scores."""
     forgetting = any(eval_names(r) for r in runs)
-    ranks = {r.get("gate_rank") for r in runs if r.get("gate") != "none"}
+    # only learned gates have a rank (the fixed 0.5 mix records 0): a table with both is not a rank sweep
+    ranks = {r.get("gate_rank") for r in runs if r.get("gate") not in RANKLESS_GATES}
     show_rank = len(ranks) > 1
     backbones, targets, columns = [], [], []
     for r in runs:
@@ -234,7 +236,7 @@ def build_table(name: str, runs: list[dict[str, Any]]) -> Table:
     cells: dict[tuple[RowKey, str], Cell] = defaultdict(Cell)
     for r in runs:
         target = r["dataset"] if forgetting else ""
-        rank = int(r.get("gate_rank") or 0) if show_rank and r.get("gate") != "none" else 0
+        rank = int(r.get("gate_rank") or 0) if show_rank and r.get("gate") not in RANKLESS_GATES else 0
         row = RowKey(r["backbone"], target, r["peft"], r["gate"], rank)
         original = RowKey(r["backbone"], target, ORIGINAL, "-", 0)
         seed = int(r.get("seed", 0))
@@ -266,7 +268,7 @@ def method_label(row: RowKey, show_rank: bool) -> str:
     if row.peft == ORIGINAL:
         return "Original"
     label = PEFT_NAMES.get(row.peft, row.peft) + GATE_SUFFIX.get(row.gate, f" + gate {row.gate}")
-    return f"{label} (r={row.gate_rank})" if show_rank and row.gate != "none" else label
+    return f"{label} (r={row.gate_rank})" if show_rank and row.gate not in RANKLESS_GATES else label
 
 
 def row_average(table: Table, row: RowKey) -> float | None:

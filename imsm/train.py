@@ -47,12 +47,18 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def eval_limit(cfg: DictConfig, name: str) -> int | None:
+    """How many evaluation examples of dataset ``name``: ``eval.limits[name]`` if set, else ``max_eval_samples``."""
+    limits = cfg.eval.get("limits") or {}
+    return limits.get(name, cfg.max_eval_samples)
+
+
 def evaluate_on(
     model, tokenizer, cfg: DictConfig, streams: str = "imsm"
 ) -> tuple[dict[str, Any], list[dict]]:
-    """The target's eval split (first ``max_eval_samples``), generated and scored."""
+    """The target's eval split (first ``eval_limit`` examples), generated and scored."""
     ds = cfg.dataset
-    examples = load_split(ds, cfg.data_dir, ds.eval_split, cfg.max_eval_samples)
+    examples = load_split(ds, cfg.data_dir, ds.eval_split, eval_limit(cfg, ds.name))
     with explain_oom(cfg, "eval"):
         return evaluate_examples(
             model,
@@ -65,6 +71,7 @@ def evaluate_on(
             chat_template=cfg.chat_template,
             streams=streams,
             desc=f"eval {ds.name} ({streams})",
+            autocast=cfg.eval.get("autocast"),
         )
 
 
@@ -87,9 +94,13 @@ def run_record(cfg: DictConfig) -> dict[str, Any]:
             "source": ds.source,
             "max_train_samples": cfg.max_train_samples,
             "max_eval_samples": cfg.max_eval_samples,
+            "eval_limits": OmegaConf.to_container(cfg.eval.limits, resolve=True)
+            if cfg.eval.get("limits")
+            else None,
             "max_input_length": cfg.max_input_length,
             "max_output_length": cfg.max_output_length,
             "eval_max_new_tokens": cfg.eval.max_new_tokens,
+            "eval_autocast": cfg.eval.get("autocast"),
             "chat_template": cfg.chat_template,
             "num_train_epochs": args.get("num_train_epochs"),
             "max_steps": args.get("max_steps"),
@@ -99,7 +110,9 @@ def run_record(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def original_scores(cfg: DictConfig, ds: DictConfig, max_new_tokens: int, compute: Callable[[], dict]) -> dict:
+def original_scores(
+    cfg: DictConfig, ds: DictConfig, max_new_tokens: int, compute: Callable[[], dict]
+) -> dict:
     """The frozen backbone's metrics on ``ds`` (the "Original" row), computed once per ``eval.original_cache``.
 
     Every job of a sweep would otherwise decode the same examples with the same frozen weights; the cache key holds
@@ -112,8 +125,9 @@ def original_scores(cfg: DictConfig, ds: DictConfig, max_new_tokens: int, comput
         "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
         "dataset": OmegaConf.to_container(ds, resolve=True),
         "data_dir": cfg.data_dir,
-        "limit": cfg.max_eval_samples,
+        "limit": eval_limit(cfg, ds.name),
         "max_new_tokens": max_new_tokens,
+        "autocast": cfg.eval.get("autocast"),
         "batch_size": cfg.eval.batch_size,
         "max_input_length": cfg.max_input_length,
         "chat_template": cfg.chat_template,
@@ -252,15 +266,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             names = list(cfg.eval_datasets)
             eval_args = (cfg.data_dir, cfg.max_eval_samples)
             gen_args = (cfg.eval.batch_size, cfg.max_input_length, cfg.chat_template)
+            options = {"limits": {n: eval_limit(cfg, n) for n in names}, "autocast": cfg.eval.get("autocast")}
             result["eval_datasets"] = evaluate_datasets(
-                model, tokenizer, names, *eval_args, run_dir / "eval", *gen_args, "imsm"
+                model, tokenizer, names, *eval_args, run_dir / "eval", *gen_args, "imsm", **options
             )
             if cfg.eval.compare_base:
 
                 def base_other(name: str) -> dict:
                     # writes eval_base/<name>/; eval_base/metrics.json (all datasets) is rewritten below
                     out = run_dir / "eval_base"
-                    return evaluate_datasets(model, tokenizer, [name], *eval_args, out, *gen_args, "base")[name]
+                    return evaluate_datasets(
+                        model, tokenizer, [name], *eval_args, out, *gen_args, "base", **options
+                    )[name]
 
                 result["base_eval_datasets"] = {}
                 for name in names:
@@ -294,7 +311,9 @@ def main(cfg: DictConfig) -> None:
             record_failure(cfg, e, time.perf_counter() - start)
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise
-        log.error("job failed (the sweep goes on; metrics.json has status failed): %s: %s", type(e).__name__, e)
+        log.error(
+            "job failed (the sweep goes on; metrics.json has status failed): %s: %s", type(e).__name__, e
+        )
 
 
 def record_failure(cfg: DictConfig, error: BaseException, wall_seconds: float) -> None:

@@ -21,6 +21,7 @@ from imsm.data import (
     load_split,
     mrpc,
     multirc,
+    parse_split,
     ropes,
     webq,
 )
@@ -440,7 +441,7 @@ def test_hub_failure_says_how_to_work_offline(monkeypatch):
 
     monkeypatch.setattr("datasets.load_dataset", offline)
     with pytest.raises(DataError, match="could not load hub:stanfordnlp/web_questions.*source=raw"):
-        load_hub(webq.HUB, "test", "webq", lambda r, w, n: [], BadRows())
+        load_hub(webq.SPEC.hub, "test", "webq", lambda r, w, n: [], BadRows())
 
 
 # --- WebQ targetValue --------------------------------------------------------------------------------------------
@@ -609,3 +610,23 @@ def test_limit_takes_the_first_examples(tmp_path):
     )
     examples = load_split(config("gsm8k"), str(tmp_path), "test", limit=2)
     assert [e.gold for e in examples] == ["0", "1"]
+
+
+def test_a_split_can_be_sliced_like_datasets(tmp_path):
+    """``train[-2:]`` holds rows out of a split (a validation slice); the limit applies after the slice."""
+    write(
+        tmp_path,
+        "gsm8k/test.jsonl",
+        "\n".join(json.dumps({"question": f"q{i}", "answer": f"r\n#### {i}"}) for i in range(5)),
+    )
+
+    def golds(split: str, limit: int | None = None) -> list[str]:
+        return [e.gold for e in load_split(config("gsm8k"), str(tmp_path), split, limit)]
+
+    assert golds("test[-2:]") == ["3", "4"]
+    assert golds("test[1:3]") == ["1", "2"]
+    assert golds("test[:-3]") == ["0", "1"]
+    assert golds("test[1:]", limit=2) == ["1", "2"]
+    assert parse_split("train") == ("train", slice(None))
+    with pytest.raises(DataError, match=r"bad split 'test\[1\]'.*name\[start:stop\]"):
+        load_split(config("gsm8k"), str(tmp_path), "test[1]")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -144,3 +145,24 @@ def test_smollm2_base_model_smoke(data_dir, tmp_path, capsys):
     results = evaluate(cfg)
     assert list(results) == ["webq", "freebaseqa", "multirc", "mrpc"]
     assert "webq" in capsys.readouterr().out
+
+
+def test_generation_can_run_under_bf16_autocast(tiny, data_dir, tmp_path):
+    """``autocast=bf16`` runs the linear layers in bf16 over the fp32 weights; a bad value lists the choices."""
+    model, tokenizer, _ = tiny
+    dtypes = set()
+    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    handle = linear.register_forward_hook(lambda mod, inp, out: dtypes.add(out.dtype))
+    try:
+        results = evaluate_datasets(
+            model, tokenizer, ["mrpc"], str(data_dir), 2, tmp_path, 2, 256, False, "base", autocast="bf16"
+        )
+    finally:
+        handle.remove()
+    assert dtypes == {torch.bfloat16} and results["mrpc"]["n"] == 2
+    assert next(model.parameters()).dtype == torch.float32
+    assert json.loads((tmp_path / "mrpc" / "metrics.json").read_text())["autocast"] == "bf16"
+    with pytest.raises(ValueError, match=r"autocast='int8' is not one of \[null, fp32, bf16, fp16\]"):
+        evaluate_datasets(
+            model, tokenizer, ["mrpc"], str(data_dir), 1, tmp_path, 2, 256, False, autocast="int8"
+        )

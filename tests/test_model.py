@@ -241,6 +241,8 @@ def test_dora_is_not_fused():
 
     model = make_imsm(
         "query_aware",
-        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, task_type="CAUSAL_LM"),
+        peft_config=LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], use_dora=True, task_type="CAUSAL_LM"
+        ),
     )
     assert not model.can_fuse_streams()

@@ -240,3 +240,14 @@ def test_no_runs_or_unknown_table_is_a_clear_message(tmp_path, capsys):
         report(tmp_path, table="table9")
     assert main([str(tmp_path), "--table", "table2"]) == 0
     assert "| smollm2 | ropes | LoRA | 50.00 |" in capsys.readouterr().out
+
+
+def test_an_ablation_with_the_fixed_gate_is_not_a_rank_sweep(tmp_path):
+    """The fixed 0.5 mix records gate rank 0; beside r=8 gates it must not turn the table into Table 6's layout."""
+    gates = {"none": 0, "query_aware": 8, "no_query": 8, "fixed": 0}
+    for gate, rank in gates.items():
+        write_run(tmp_path, gate, experiment="table4", gate=gate, gate_rank=rank, metrics={"f1": 0.5})
+    report(tmp_path)
+    table = (tmp_path / "report" / "table4.md").read_text()
+    assert "(r=" not in table and not (tmp_path / "report" / "table4_rank.png").exists()
+    assert "LoRA + IMSM w/o gate" in table and "LoRA + IMSM w/o query" in table

@@ -60,7 +60,9 @@ def test_every_paper_table_has_a_cpu_version_and_a_grid():
     assert sweep_params("table1")["seed"] == "1,2,3"
 
 
-@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.startswith(("table", "smoke"))])
+@pytest.mark.parametrize(
+    "experiment", [e for e in EXPERIMENTS if e.startswith(("table", "smoke", "replicate"))]
+)
 def test_every_sweep_value_composes(experiment):
     """Each value of each swept key composes (what Hydra would otherwise find out at that job)."""
     for key, values in sweep_params(experiment).items():
@@ -217,3 +219,49 @@ def test_cpu_table_runs_end_to_end_on_a_tiny_model(experiment, tmp_path, data_di
     assert runs and all(r["status"] == "ok" for r in runs), [r.get("error") for r in runs]
     assert report_main([str(sweep)]) == 0
     assert (sweep / "report" / f"{experiment}.md").exists()
+
+
+def test_replication_script_runs_every_stage_and_writes_the_document(tmp_path, data_dir):
+    """scripts/replicate_cpu.sh on tiny_llama (1 seed, 1 step, 2 examples per set): its three sweeps run, the
+    Original row is scored once per dataset, and results-cpu.md holds the stage times, both tables, the heatmaps
+    and the hand-written reading appended at the end."""
+    docs, root = tmp_path / "docs", tmp_path / "runs"
+    docs.mkdir()
+    (docs / "results-cpu-reading.md").write_text("## Reading\n\nwritten after the run\n")
+    env = dict(os.environ, WANDB_MODE="offline", IMSM_DATA_DIR=str(data_dir), SEEDS="1", DOCS=str(docs))
+    env.update(ROOT=str(root), PY=sys.executable)
+    limits = [
+        f"++eval.limits.{name}=2" for name in ("webq", "freebaseqa", "multirc", "mrpc")
+    ]  # ++: add or set
+    tiny = [*SHRINK[:1], *SHRINK[2:], "trainer.args.bf16=false", *limits]
+    proc = subprocess.run(
+        [str(REPO / "scripts" / "replicate_cpu.sh"), *tiny],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = {stage: job_metrics(root / stage) for stage in ("mrpc", "cola", "cola_ablation")}
+    assert {s: sorted(r["gate"] for r in runs) for s, runs in jobs.items()} == {
+        "mrpc": ["none", "query_aware"],
+        "cola": ["none", "query_aware"],
+        "cola_ablation": ["fixed", "no_query"],
+    }
+    assert all(r["status"] == "ok" for runs in jobs.values() for r in runs)
+    assert jobs["cola"][0]["eval_dataset_names"] == ["webq", "freebaseqa", "multirc", "mrpc"]
+    assert all(r["eval_datasets"]["multirc"]["n"] == 2 for r in jobs["cola"])
+    # the frozen backbone: 4 forgetting sets + 2 targets, mrpc's shared by its target and forgetting role
+    assert len(list((root / "original").glob("*.json"))) == 5
+    text = (docs / "results-cpu.md").read_text()
+    for needle in (
+        "| cola_ablation |",
+        "## replicate_cpu_mrpc",
+        "## replicate_cpu_cola",
+        "LoRA + IMSM w/o gate",
+    ):
+        assert needle in text, needle
+    assert "](results-cpu/replicate_cpu_cola_forgetting.png)" in text
+    assert (docs / "results-cpu" / "replicate_cpu_cola_forgetting.png").read_bytes()[:4] == b"\x89PNG"
+    assert text.rstrip().endswith("written after the run")

@@ -218,10 +218,22 @@ def test_prompt_and_target_join_with_nothing_between():
 def test_train_evaluates_the_forgetting_datasets(tmp_path, gsm_dir):
     """eval_datasets adds a row per dataset (trained and frozen), written under eval/ and eval_base/."""
     run_dir = tmp_path / "run"
-    cfg = compose_train([*tiny_overrides(run_dir, gsm_dir), "eval_datasets=[gsm8k]", "trainer.args.max_steps=1"])
+    cfg = compose_train(
+        [*tiny_overrides(run_dir, gsm_dir), "eval_datasets=[gsm8k]", "trainer.args.max_steps=1"]
+    )
     result = train(cfg)
     assert result["eval_datasets"]["gsm8k"]["n"] == 3
     assert result["base_eval_datasets"]["gsm8k"]["n"] == 3
     for sub in ("eval", "eval_base"):
         assert (run_dir / sub / "gsm8k" / "predictions.jsonl").exists()
         assert json.loads((run_dir / sub / "metrics.json").read_text())["gsm8k"]["n"] == 3
+
+
+def test_eval_limits_override_max_eval_samples_per_dataset(tmp_path, gsm_dir):
+    """``eval.limits`` sets one dataset's evaluation size (here the target's and its forgetting row) and is recorded."""
+    run_dir = tmp_path / "run"
+    overrides = [*tiny_overrides(run_dir, gsm_dir), "eval_datasets=[gsm8k]", "trainer.args.max_steps=1"]
+    result = train(compose_train([*overrides, "eval.limits={gsm8k: 2}", "eval.compare_base=false"]))
+    assert result["metrics"]["n"] == 2 and result["eval_datasets"]["gsm8k"]["n"] == 2
+    assert result["setup"]["eval_limits"] == {"gsm8k": 2}
+    assert json.loads((run_dir / "eval" / "gsm8k" / "metrics.json").read_text())["limit"] == 2

@@ -3,12 +3,14 @@
 Each ``conf/dataset/<name>.yaml`` names its loader (``loader._target_``: a module's ``load`` function), its
 ``source`` (``raw`` | ``reference`` | ``hub``), its template, its metric and its ``task_type`` (1 world-knowledge QA,
 0 other: LoRAMoE's balancing constraint); ``load_split`` calls that loader for one split, applies a sample limit
-and stamps each example with the task type. ``dataset_config`` reads one of those files by name (evaluation on many
-datasets).
+and stamps each example with the task type. A split may carry a Python slice, as in ``datasets``: ``train[:2000]``,
+``train[-500:]`` (a validation slice held out of the training split). ``dataset_config`` reads one of those files by
+name (evaluation on many datasets).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from hydra.utils import get_method
@@ -17,18 +19,33 @@ from omegaconf import DictConfig, OmegaConf
 from imsm.data.base import SOURCES, DataError, Example, check_source, check_task_type
 
 DATASET_CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "dataset"
+_SLICED = re.compile(r"^(?P<name>[\w.-]+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+
+
+def parse_split(split: str) -> tuple[str, slice]:
+    """``"train[-500:]"`` -> ``("train", slice(-500, None))``; a plain name keeps every row."""
+    if "[" not in split:
+        return split, slice(None)
+    m = _SLICED.match(split.strip())
+    if not m:
+        raise DataError(
+            f"bad split {split!r}: expected a name or name[start:stop], e.g. train[:2000], train[-500:]"
+        )
+    start, stop = (int(v) if v else None for v in (m["start"], m["stop"]))
+    return m["name"], slice(start, stop)
 
 
 def load_split(
     dataset_cfg: DictConfig, data_dir: str | None, split: str, limit: int | None = None
 ) -> list[Example]:
-    """Examples of ``split`` from the dataset described by ``dataset_cfg`` (first ``limit`` when set)."""
+    """Examples of ``split`` (optionally sliced: ``train[-500:]``) from ``dataset_cfg``; first ``limit`` when set."""
     source = dataset_cfg.get("source") or "raw"
     check_source(dataset_cfg.get("name", "dataset"), source)
     if not split:
         raise DataError(
             f"{dataset_cfg.get('name')}: no split given (is train_split/eval_split null in its config?)"
         )
+    split, rows = parse_split(split)
     options = OmegaConf.to_container(dataset_cfg.loader, resolve=True)
     assert isinstance(options, dict)
     # called directly rather than through hydra's instantiate, which would wrap a DataError in its own exception
@@ -41,6 +58,7 @@ def load_split(
         source=source,
         on_bad_row=dataset_cfg.get("on_bad_row") or "error",
     )
+    examples = examples[rows]
     examples = examples[:limit] if limit else examples
     task_type = check_task_type(dataset_cfg.get("name", "dataset"), dataset_cfg.get("task_type"))
     if task_type is not None:  # a loader may set its own per-example type first (a mixture of tasks)
@@ -63,4 +81,4 @@ def dataset_config(name: str, conf_dir: Path = DATASET_CONF_DIR) -> DictConfig:
     return cfg
 
 
-__all__ = ["SOURCES", "DataError", "Example", "dataset_config", "dataset_names", "load_split"]
+__all__ = ["SOURCES", "DataError", "Example", "dataset_config", "dataset_names", "load_split", "parse_split"]

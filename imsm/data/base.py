@@ -322,6 +322,53 @@ def check_source(dataset: str, source: str) -> None:
         raise DataError(f"{dataset}: source={source!r} is not one of {list(SOURCES)}")
 
 
+Loader = Callable[[BadRows], list[Example]]
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where one dataset's processed sources live: the authors' reference splits and the hub copy."""
+
+    name: str
+    reference_dir: str  # imsm-reference/<reference_dir>/
+    reference_files: dict[str, str]  # our split -> file
+    # a reference row's output -> (target, gold)
+    reference_output: Callable[[Any, Where, Line], tuple[str, Any]]
+    hub: HubSpec
+    # a hub row -> Example: (row, template, where, line); None when the module brings its own hub loader
+    hub_example: Callable[[dict[str, Any], str, Where, Line], Example] | None = None
+
+
+def load_examples(
+    spec: SourceSpec,
+    data_dir: str | os.PathLike | None,
+    split: str,
+    template: str,
+    source: str,
+    on_bad_row: str,
+    *,
+    raw: Loader,
+    hub: Loader | None = None,
+) -> list[Example]:
+    """Examples of ``split`` from ``source``: the reference split, the hub (each row through ``spec.hub_example``,
+    or a module's own ``hub`` loader), or the module's ``raw`` loader; each gets the ``on_bad_row`` policy."""
+    check_source(spec.name, source)
+    bad = BadRows(on_bad_row)
+    if source == "reference":
+        return load_reference(
+            data_dir, spec.reference_dir, spec.reference_files, split, spec.reference_output, bad
+        )
+    if source == "hub":
+        if hub is not None:
+            return hub(bad)
+        assert spec.hub_example is not None, (
+            f"{spec.name}: SourceSpec needs hub_example or load_examples(hub=)"
+        )
+        example = spec.hub_example
+        return load_hub(spec.hub, split, spec.name, lambda r, w, n: example(r, template, w, n), bad)
+    return raw(bad)
+
+
 # --- the task type (LoRAMoE's localized balancing constraint) ----------------------------------------------------
 
 TASK_TYPES = {1: "world-knowledge QA (closed-book questions)", 0: "any other task"}

@@ -15,12 +15,11 @@ from imsm.data.base import (
     BadRows,
     Example,
     HubSpec,
+    SourceSpec,
     Where,
-    check_source,
     convert_rows,
     data_path,
-    load_hub,
-    load_reference,
+    load_examples,
     read_tsv,
     reference_output_yes_no,
     render,
@@ -36,13 +35,6 @@ FILES = {
     "in_domain_dev": ["cola/raw/in_domain_dev.tsv"],
     "out_of_domain_dev": ["cola/raw/out_of_domain_dev.tsv"],
 }
-REFERENCE = {"train": "data_train.json", "dev": "data_test.json"}
-HUB = HubSpec(
-    "nyu-mll/glue",
-    "cola",
-    {"train": "train", "dev": "validation"},
-    note="GLUE hides the test labels; the paper evaluates on the GLUE dev set (split 'dev').",
-)
 RAW_LABELS = {"1": "yes", "0": "no"}
 HUB_LABELS = {1: "yes", 0: "no"}
 
@@ -62,23 +54,36 @@ def example_from_hub(row: dict[str, Any], template: str, where: Where = "hub", l
     return make_example(require_str(row, "sentence", where, lineno), label, template)
 
 
+SPEC = SourceSpec(
+    "cola",
+    "cola",
+    {"train": "data_train.json", "dev": "data_test.json"},
+    reference_output_yes_no,
+    HubSpec(
+        "nyu-mll/glue",
+        "cola",
+        {"train": "train", "dev": "validation"},
+        note="GLUE hides the test labels; the paper evaluates on the GLUE dev set (split 'dev').",
+    ),
+    example_from_hub,
+)
+
+
 def load(
     data_dir: str, split: str, template: str, *, source: str = "raw", on_bad_row: str = "error", **_: object
 ) -> list[Example]:
     """Examples of ``train``, ``dev`` (= GLUE dev), ``in_domain_dev`` or ``out_of_domain_dev``."""
-    check_source("cola", source)
-    if source == "reference":
-        return load_reference(
-            data_dir, "cola", REFERENCE, split, reference_output_yes_no, BadRows(on_bad_row)
-        )
-    if source == "hub":
-        return load_hub(
-            HUB, split, "cola", lambda r, w, n: example_from_hub(r, template, w, n), BadRows(on_bad_row)
-        )
-    examples: list[Example] = []
-    for path in [data_path(data_dir, f) for f in split_file("cola", FILES, split)]:
-        bad = BadRows(on_bad_row)  # one count per file, so the warning names the right file
-        examples += convert_rows(
-            read_tsv(path, COLUMNS, bad=bad), lambda r, w, n: example_from_raw(r, template, w, n), path, bad
-        )
-    return examples
+
+    def raw(_: BadRows) -> list[Example]:
+        examples: list[Example] = []
+        for path in [data_path(data_dir, f) for f in split_file("cola", FILES, split)]:
+            bad = BadRows(on_bad_row)  # one count per file, so the warning names the right file
+            examples += convert_rows(
+                read_tsv(path, COLUMNS, bad=bad),
+                lambda r, w, n: example_from_raw(r, template, w, n),
+                path,
+                bad,
+            )
+        return examples
+
+    return load_examples(SPEC, data_dir, split, template, source, on_bad_row, raw=raw)

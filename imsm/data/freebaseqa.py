@@ -22,12 +22,11 @@ from imsm.data.base import (
     Example,
     HubSpec,
     Line,
+    SourceSpec,
     Where,
-    check_source,
     convert_rows,
     data_path,
-    load_hub,
-    load_reference,
+    load_examples,
     read_tsv,
     reference_output_aliases,
     render,
@@ -49,8 +48,6 @@ FILES = {
     "dev": "freebaseqa/v1.1-prerelease/FreebaseQA-dev.tab",
     "eval": "freebaseqa/v1.1-prerelease/FreebaseQA-eval.tab",
 }
-REFERENCE = {"eval": "data_test.json"}
-HUB = HubSpec("KelvinJiang/freebase_qa", None, {"train": "train", "dev": "validation", "eval": "test"})
 
 
 def make_example(question: str, answers: list[str], template: str) -> Example:
@@ -107,25 +104,33 @@ def example_from_hub(row: dict[str, Any], template: str, where: Where = "hub", l
     return make_example(require_str(row, "RawQuestion", where, lineno), answers, template)
 
 
+SPEC = SourceSpec(
+    "freebaseqa",
+    "freebase",
+    {"eval": "data_test.json"},
+    reference_output_aliases,
+    HubSpec("KelvinJiang/freebase_qa", None, {"train": "train", "dev": "validation", "eval": "test"}),
+    example_from_hub,
+)
+
+
 def load(
     data_dir: str, split: str, template: str, *, source: str = "raw", on_bad_row: str = "error", **_: object
 ) -> list[Example]:
     """Examples of ``eval`` or ``dev`` (``train`` only with ``source=hub``)."""
-    check_source("freebaseqa", source)
-    bad = BadRows(on_bad_row)
-    if source == "reference":
-        return load_reference(data_dir, "freebase", REFERENCE, split, reference_output_aliases, bad)
-    if source == "hub":
-        return load_hub(HUB, split, "freebaseqa", lambda r, w, n: example_from_hub(r, template, w, n), bad)
-    if split == "train":
-        raise DataError(
-            "freebaseqa has no train split in the data directory (only the pre-release dev/eval files); "
-            "use it for evaluation, or dataset.source=hub for the v1.0 train set"
+
+    def raw(bad: BadRows) -> list[Example]:
+        if split == "train":
+            raise DataError(
+                "freebaseqa has no train split in the data directory (only the pre-release dev/eval files); "
+                "use it for evaluation, or dataset.source=hub for the v1.0 train set"
+            )
+        path = data_path(data_dir, split_file("freebaseqa", FILES, split))
+        # these files were written with CSV quoting, unlike GLUE's: "" inside quotes is one "
+        lines = read_tsv(path, COLUMNS, quoting=csv.QUOTE_MINIMAL, bad=bad)
+        groups = group_questions(lines, path, bad)
+        return convert_rows(
+            groups, lambda r, w, n: make_example(r["question"], r["answers"], template), path, bad
         )
-    path = data_path(data_dir, split_file("freebaseqa", FILES, split))
-    # these files were written with CSV quoting, unlike GLUE's: "" inside quotes is one "
-    lines = read_tsv(path, COLUMNS, quoting=csv.QUOTE_MINIMAL, bad=bad)
-    groups = group_questions(lines, path, bad)
-    return convert_rows(
-        groups, lambda r, w, n: make_example(r["question"], r["answers"], template), path, bad
-    )
+
+    return load_examples(SPEC, data_dir, split, template, source, on_bad_row, raw=raw)

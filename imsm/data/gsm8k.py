@@ -18,12 +18,11 @@ from imsm.data.base import (
     Example,
     HubSpec,
     Line,
+    SourceSpec,
     Where,
-    check_source,
     convert_rows,
     data_path,
-    load_hub,
-    load_reference,
+    load_examples,
     read_jsonl,
     render,
     require,
@@ -32,8 +31,6 @@ from imsm.data.base import (
 
 CALCULATOR = re.compile(r"<<[^>]*>>")
 FILES = {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}
-REFERENCE = {"test": "data_test.json"}  # their train file was too large to copy; use the raw one
-HUB = HubSpec("openai/gsm8k", "main", {"train": "train", "test": "test"})
 FINAL_ANSWER = re.compile(r"The answer is (.+?)\.?\s*$")
 
 
@@ -63,19 +60,27 @@ def reference_output(output: Any, where: Where, lineno: Line) -> tuple[str, Any]
     return output, found.group(1).strip().replace(",", "")
 
 
+# the authors' train file was too large to copy: use the raw one
+SPEC = SourceSpec(
+    "gsm8k",
+    "GSM8K",
+    {"test": "data_test.json"},
+    reference_output,
+    HubSpec("openai/gsm8k", "main", {"train": "train", "test": "test"}),
+    example_from_row,
+)
+
+
 def load(
     data_dir: str, split: str, template: str, *, source: str = "raw", on_bad_row: str = "error", **_: object
 ) -> list[Example]:
     """Examples of one split (``train`` or ``test``)."""
-    check_source("gsm8k", source)
-    bad = BadRows(on_bad_row)
 
     def convert(row: dict[str, Any], where: Where, lineno: Line) -> Example:
         return example_from_row(row, template, where, lineno)
 
-    if source == "reference":
-        return load_reference(data_dir, "GSM8K", REFERENCE, split, reference_output, bad)
-    if source == "hub":
-        return load_hub(HUB, split, "gsm8k", convert, bad)
-    path = data_path(data_dir, split_file("gsm8k", FILES, split))
-    return convert_rows(read_jsonl(path, bad), convert, path, bad)
+    def raw(bad: BadRows) -> list[Example]:
+        path = data_path(data_dir, split_file("gsm8k", FILES, split))
+        return convert_rows(read_jsonl(path, bad), convert, path, bad)
+
+    return load_examples(SPEC, data_dir, split, template, source, on_bad_row, raw=raw)

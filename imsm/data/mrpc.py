@@ -15,12 +15,11 @@ from imsm.data.base import (
     BadRows,
     Example,
     HubSpec,
+    SourceSpec,
     Where,
-    check_source,
     convert_rows,
     data_path,
-    load_hub,
-    load_reference,
+    load_examples,
     read_tsv,
     reference_output_yes_no,
     render,
@@ -30,13 +29,6 @@ from imsm.data.base import (
 )
 
 FILES = {"train": "mrpc/train.tsv", "dev": "mrpc/dev.tsv", "test": "mrpc/msr_paraphrase_test.txt"}
-REFERENCE = {"train": "data_train.json", "test": "data_test.json"}
-HUB = HubSpec(
-    "nyu-mll/glue",
-    "mrpc",
-    {"train": "train", "dev": "validation"},
-    note="GLUE hides the test labels on the hub; use source=raw (msr_paraphrase_test.txt) or source=reference.",
-)
 RAW_LABELS = {"1": "yes", "0": "no"}
 HUB_LABELS = {1: "yes", 0: "no"}
 
@@ -69,17 +61,30 @@ def example_from_hub(row: dict[str, Any], template: str, where: Where = "hub", l
     )
 
 
+SPEC = SourceSpec(
+    "mrpc",
+    "mrpc",
+    {"train": "data_train.json", "test": "data_test.json"},
+    reference_output_yes_no,
+    HubSpec(
+        "nyu-mll/glue",
+        "mrpc",
+        {"train": "train", "dev": "validation"},
+        note="GLUE hides the test labels on the hub; use source=raw (msr_paraphrase_test.txt) or source=reference.",
+    ),
+    example_from_hub,
+)
+
+
 def load(
     data_dir: str, split: str, template: str, *, source: str = "raw", on_bad_row: str = "error", **_: object
 ) -> list[Example]:
     """Examples of ``train``, ``dev`` or ``test``."""
-    check_source("mrpc", source)
-    bad = BadRows(on_bad_row)
-    if source == "reference":
-        return load_reference(data_dir, "mrpc", REFERENCE, split, reference_output_yes_no, bad)
-    if source == "hub":
-        return load_hub(HUB, split, "mrpc", lambda r, w, n: example_from_hub(r, template, w, n), bad)
-    path = data_path(data_dir, split_file("mrpc", FILES, split))
-    return convert_rows(
-        read_tsv(path, bad=bad), lambda r, w, n: example_from_raw(r, template, w, n), path, bad
-    )
+
+    def raw(bad: BadRows) -> list[Example]:
+        path = data_path(data_dir, split_file("mrpc", FILES, split))
+        return convert_rows(
+            read_tsv(path, bad=bad), lambda r, w, n: example_from_raw(r, template, w, n), path, bad
+        )
+
+    return load_examples(SPEC, data_dir, split, template, source, on_bad_row, raw=raw)

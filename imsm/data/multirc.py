@@ -28,12 +28,12 @@ from imsm.data.base import (
     Example,
     HubSpec,
     Line,
+    SourceSpec,
     Where,
-    check_source,
     convert_rows,
     data_path,
     hub_rows,
-    load_reference,
+    load_examples,
     read_jsonl,
     reference_output_yes_no,
     render,
@@ -48,8 +48,13 @@ FILES = {
     "val": ["multirc/val.jsonl"],
     "yesno": ["multirc/train.jsonl", "multirc/val.jsonl"],
 }
-REFERENCE = {"yesno": "data_test.json"}
-HUB = HubSpec("aps/super_glue", "multirc", {"train": "train", "val": "validation"})
+SPEC = SourceSpec(
+    "multirc",
+    "multirc",
+    {"yesno": "data_test.json"},
+    reference_output_yes_no,
+    HubSpec("aps/super_glue", "multirc", {"train": "train", "val": "validation"}),
+)
 DEFAULT_OPTION_QUESTION = 'Is it true that the answer to "{question}" is "{option}"?'
 POLARITY = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}
 LABELS = {1: "yes", 0: "no"}  # True/False compare equal to 1/0
@@ -183,25 +188,26 @@ def load(
     **_: object,
 ) -> list[Example]:
     """Examples of ``train``, ``val`` or ``yesno`` (the paper's evaluation questions)."""
-    check_source("multirc", source)
-    bad = BadRows(on_bad_row)
     yes_no_only = split == "yesno"
 
     def convert(row: dict[str, Any], where: Where, lineno: Line) -> list[Example]:
         return question_examples(row, template, option_question, where, lineno, yes_no_only)
 
-    if source == "reference":
-        return load_reference(data_dir, "multirc", REFERENCE, split, reference_output_yes_no, bad)
-    if source == "hub":
+    def examples(
+        sources: list[tuple[Where, Iterable[tuple[Line, dict[str, Any]]]]], bad: BadRows
+    ) -> list[Example]:
+        return [ex for where, rows in sources for ex in convert_rows(rows, convert, where, bad)]
+
+    def hub(bad: BadRows) -> list[Example]:
         # yesno gathers the yes/no questions of both splits, as the raw source does
         sources = []
         for part in ["train", "val"] if yes_no_only else [split]:
-            where, rows = hub_rows(HUB, part, "multirc")
+            where, rows = hub_rows(SPEC.hub, part, "multirc")
             sources.append((where, hub_questions(rows, part)))
-    else:
+        return examples(sources, bad)
+
+    def raw(bad: BadRows) -> list[Example]:
         paths = [data_path(data_dir, f) for f in split_file("multirc", FILES, split)]
-        sources = [(path, raw_questions(path, bad)) for path in paths]
-    examples: list[Example] = []
-    for where, rows in sources:
-        examples += convert_rows(rows, convert, where, bad)
-    return examples
+        return examples([(path, raw_questions(path, bad)) for path in paths], bad)
+
+    return load_examples(SPEC, data_dir, split, template, source, on_bad_row, raw=raw, hub=hub)

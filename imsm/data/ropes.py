@@ -20,12 +20,11 @@ from imsm.data.base import (
     Example,
     HubSpec,
     Line,
+    SourceSpec,
     Where,
-    check_source,
     convert_rows,
     data_path,
-    load_hub,
-    load_reference,
+    load_examples,
     read_json,
     reference_output_str,
     render,
@@ -36,8 +35,6 @@ from imsm.data.base import (
 )
 
 FILES = {"train": "ropes/train-v1.0.json", "dev": "ropes/dev-v1.0.json"}
-REFERENCE = {"dev": "data_test.json"}  # their train file was too large to copy; use the raw one
-HUB = HubSpec("allenai/ropes", None, {"train": "train", "dev": "validation"})
 
 
 def flat(text: str) -> str:
@@ -97,19 +94,27 @@ def raw_rows(doc: Any, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 )
 
 
+# the authors' train file was too large to copy: use the raw one
+SPEC = SourceSpec(
+    "ropes",
+    "ropes",
+    {"dev": "data_test.json"},
+    reference_output_str,
+    HubSpec("allenai/ropes", None, {"train": "train", "dev": "validation"}),
+    example_from_hub,
+)
+
+
 def load(
     data_dir: str, split: str, template: str, *, source: str = "raw", on_bad_row: str = "error", **_: object
 ) -> list[Example]:
     """Examples of ``train`` or ``dev``."""
-    check_source("ropes", source)
-    bad = BadRows(on_bad_row)
 
     def convert(row: dict[str, Any], where: Where, lineno: Line) -> Example:
         return example_from_hub(row, template, where, lineno)
 
-    if source == "reference":
-        return load_reference(data_dir, "ropes", REFERENCE, split, reference_output_str, bad)
-    if source == "hub":
-        return load_hub(HUB, split, "ropes", convert, bad)
-    path = data_path(data_dir, split_file("ropes", FILES, split))
-    return convert_rows(raw_rows(read_json(path), path), convert, path, bad)
+    def raw(bad: BadRows) -> list[Example]:
+        path = data_path(data_dir, split_file("ropes", FILES, split))
+        return convert_rows(raw_rows(read_json(path), path), convert, path, bad)
+
+    return load_examples(SPEC, data_dir, split, template, source, on_bad_row, raw=raw)

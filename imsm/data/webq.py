@@ -18,12 +18,11 @@ from imsm.data.base import (
     Example,
     HubSpec,
     Line,
+    SourceSpec,
     Where,
-    check_source,
     convert_rows,
     data_path,
-    load_hub,
-    load_reference,
+    load_examples,
     read_json,
     reference_output_aliases,
     render,
@@ -36,8 +35,6 @@ FILES = {
     "train": "webquestions/webquestions.examples.train.json",
     "test": "webquestions/webquestions.examples.test.json",
 }
-REFERENCE = {"test": "data_test.json"}
-HUB = HubSpec("stanfordnlp/web_questions", None, {"train": "train", "test": "test"})
 DESCRIPTION = re.compile(r"\(description\s+")
 
 
@@ -86,19 +83,27 @@ def example_from_hub(row: dict[str, Any], template: str, where: Where = "hub", l
     return make_example(require_str(row, "question", where, lineno), aliases, template)
 
 
+SPEC = SourceSpec(
+    "webq",
+    "webq",
+    {"test": "data_test.json"},
+    reference_output_aliases,
+    HubSpec("stanfordnlp/web_questions", None, {"train": "train", "test": "test"}),
+    example_from_hub,
+)
+
+
 def load(
     data_dir: str, split: str, template: str, *, source: str = "raw", on_bad_row: str = "error", **_: object
 ) -> list[Example]:
     """Examples of ``train`` or ``test``."""
-    check_source("webq", source)
-    bad = BadRows(on_bad_row)
-    if source == "reference":
-        return load_reference(data_dir, "webq", REFERENCE, split, reference_output_aliases, bad)
-    if source == "hub":
-        return load_hub(HUB, split, "webq", lambda r, w, n: example_from_hub(r, template, w, n), bad)
-    path = data_path(data_dir, split_file("webq", FILES, split))
-    doc = read_json(path)
-    if not isinstance(doc, list):
-        raise DataError(f"{path}: expected a JSON array of questions, found {type(doc).__name__}")
-    rows = ((f"[{i}]", row) for i, row in enumerate(doc))
-    return convert_rows(rows, lambda r, w, n: example_from_raw(r, template, w, n), path, bad)
+
+    def raw(bad: BadRows) -> list[Example]:
+        path = data_path(data_dir, split_file("webq", FILES, split))
+        doc = read_json(path)
+        if not isinstance(doc, list):
+            raise DataError(f"{path}: expected a JSON array of questions, found {type(doc).__name__}")
+        rows = ((f"[{i}]", row) for i, row in enumerate(doc))
+        return convert_rows(rows, lambda r, w, n: example_from_raw(r, template, w, n), path, bad)
+
+    return load_examples(SPEC, data_dir, split, template, source, on_bad_row, raw=raw)

@@ -251,7 +251,9 @@ class IMSMModel(nn.Module):
         fuse = mixing and (self.can_fuse_streams() if fuse_streams is None else fuse_streams)
         device = input_ids.device
         check_every = stop_check_every or (8 if device.type == "cuda" else 1)
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+        eos = torch.tensor(
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device
+        )
         batch, prompt_len = input_ids.shape
 
         # One attention mask for the whole run, sliced per step (no re-allocation in the loop).
@@ -260,19 +262,28 @@ class IMSMModel(nn.Module):
         if fuse:
             full_mask = torch.cat([full_mask, full_mask])
             active = self.peft_model.active_adapter
-            hooks = self.peft_model._enable_peft_forward_hooks(adapter_names=["__base__"] * batch + [active] * batch)
+            hooks = self.peft_model._enable_peft_forward_hooks(
+                adapter_names=["__base__"] * batch + [active] * batch
+            )
         else:
             hooks = contextlib.nullcontext()
         runs = {  # stream name -> (adapter on?, cache)
-            "base": (False, DynamicCache(config=self.config)) if (mixing or streams == "base") and not fuse else None,
+            "base": (False, DynamicCache(config=self.config))
+            if (mixing or streams == "base") and not fuse
+            else None,
             "tuned": (True, DynamicCache(config=self.config)) if streams != "base" and not fuse else None,
             "both": (True, DynamicCache(config=self.config)) if fuse else None,
         }
 
-        def step(ids: torch.Tensor, length: int, pos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        def step(
+            ids: torch.Tensor, length: int, pos: torch.Tensor
+        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
             if fuse:
                 both = self.stream_hidden(
-                    torch.cat([ids, ids]), full_mask[:, :length], adapter=True, position_ids=torch.cat([pos, pos]),
+                    torch.cat([ids, ids]),
+                    full_mask[:, :length],
+                    adapter=True,
+                    position_ids=torch.cat([pos, pos]),
                     cache=runs["both"][1],
                 )
                 return both[:batch], both[batch:]
