@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -216,6 +217,47 @@ class IMSMModel(nn.Module):
             and hasattr(self.peft_model.base_model, "_enable_peft_forward_hooks")
         )
 
+    @contextlib.contextmanager
+    def adapter_on_second_half(self, batch: int) -> Iterator[None]:
+        """Inside: a batch of 2b rows runs rows ``[:b]`` through the frozen model and ``[b:]`` with the adapter.
+
+        Plain LoRA linears add ``B(A(x[b:])) * scaling`` to ``out[b:]`` only: contiguous halves, no per-layer
+        index lists. Anything else uses peft's own per-row selection (``adapter_names``), which builds index lists
+        and gathers / scatters rows in every layer.
+        """
+        from peft.tuners.lora import Linear as LoraLinear
+
+        active = self.peft_model.active_adapter
+        layers = [m for m in self.peft_model.modules() if isinstance(m, LoraLinear)]
+        plain = all(
+            type(m) is LoraLinear
+            and active in m.lora_A
+            and active not in m.lora_variant
+            and not m.merged
+            and "forward" not in vars(m)
+            for m in layers
+        )
+        if not layers or not plain:
+            names = ["__base__"] * batch + [active] * batch
+            with self.peft_model._enable_peft_forward_hooks(adapter_names=names):
+                yield
+            return
+
+        def half_forward(layer: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            out = layer.base_layer(x, *args, **kwargs)
+            tuned = x[batch:].to(layer.lora_A[active].weight.dtype)
+            delta = layer.lora_B[active](layer.lora_A[active](layer.lora_dropout[active](tuned)))
+            out[batch:] += (delta * layer.scaling[active]).to(out.dtype)
+            return out
+
+        try:
+            for m in layers:
+                m.forward = half_forward.__get__(m)  # an instance attribute shadows the class's forward
+            yield
+        finally:
+            for m in layers:
+                vars(m).pop("forward", None)
+
     @torch.no_grad()
     def generate(
         self,
@@ -261,10 +303,7 @@ class IMSMModel(nn.Module):
         positions = positions_from_mask(attention_mask)
         if fuse:
             full_mask = torch.cat([full_mask, full_mask])
-            active = self.peft_model.active_adapter
-            hooks = self.peft_model._enable_peft_forward_hooks(
-                adapter_names=["__base__"] * batch + [active] * batch
-            )
+            hooks = self.adapter_on_second_half(batch)
         else:
             hooks = contextlib.nullcontext()
         runs = {  # stream name -> (adapter on?, cache)
