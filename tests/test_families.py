@@ -98,15 +98,18 @@ def naive_greedy(model: IMSMModel, prompt: list[int], steps: int) -> list[int]:
 @pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_cached_generation_equals_recomputation(model_type):
     model = tiny_imsm(model_type)
-    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13], [20, 21, 22, 23]]
     ids, mask = left_pad(prompts, 0)
     # ChatGLM's layers see (seq, batch, d), so peft's per-row adapter selection (fused streams) cannot apply
     fuse = None if model.family.batch_first else False
-    new = model.generate(
-        ids, mask, max_new_tokens=6, eos_token_id=VOCAB + 1, pad_token_id=0, fuse_streams=fuse
-    )
-    for row, prompt in zip(new.tolist(), prompts, strict=True):
-        assert row == naive_greedy(model, prompt, 6)
+    expected = [naive_greedy(model, prompt, 6) for prompt in prompts]
+    # prefill in one forward per stream, in chunks of 2 rows (+ 1), and row by row: the joined caches decode alike
+    for prefill_tokens in (None, 10, 1):
+        new = model.generate(
+            ids, mask, max_new_tokens=6, eos_token_id=VOCAB + 1, pad_token_id=0, fuse_streams=fuse,
+            prefill_tokens=prefill_tokens,
+        )  # fmt: skip
+        assert new.tolist() == expected, prefill_tokens
 
 
 def test_families_are_chosen_by_model_type():

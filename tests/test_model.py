@@ -231,6 +231,13 @@ def test_fused_doubled_batch_equals_two_streams(gate):
     fused = model.generate(ids, mask, max_new_tokens=10, eos_token_id=96, pad_token_id=0, fuse_streams=True)
     plain = model.generate(ids, mask, max_new_tokens=10, eos_token_id=96, pad_token_id=0, fuse_streams=False)
     assert torch.equal(fused, plain)
+    for prefill_tokens in (12, 1):  # prompts read in row chunks (2 rows + 1, then row by row), caches joined
+        for fuse in (True, False):
+            chunked = model.generate(
+                ids, mask, max_new_tokens=10, eos_token_id=96, pad_token_id=0, fuse_streams=fuse,
+                prefill_tokens=prefill_tokens,
+            )  # fmt: skip
+            assert torch.equal(chunked, plain), (prefill_tokens, fuse)
     for row, p in zip(fused.tolist(), prompts, strict=True):
         expected = naive_generate(model, p, 10, 96)
         assert row[: len(expected)] == expected

@@ -75,6 +75,18 @@ class ChatGLMFamily:
             setattr(cache, LEGACY_PAST, out.past_key_values)
         return out.last_hidden_state.transpose(0, 1)  # (seq, batch, d) -> (batch, seq, d)
 
+    def concat_caches(self, caches: list[object]) -> object:
+        """One cache holding the rows of ``caches`` in order: per layer, keys and values (seq, batch, ...)."""
+        joined = caches[0]
+        if len(caches) > 1:
+            pasts = [getattr(c, LEGACY_PAST) for c in caches]  # per chunk: per layer (key, value)
+            layers = range(len(pasts[0]))
+            joined_past = tuple(
+                tuple(torch.cat([p[i][kv] for p in pasts], dim=1) for kv in (0, 1)) for i in layers
+            )
+            setattr(joined, LEGACY_PAST, joined_past)
+        return joined
+
 
 class ChatGLMStandInConfig(PretrainedConfig):
     """The fields of ChatGLM3's ``config.json`` that fix module names and shapes (defaults: chatglm3-6b)."""

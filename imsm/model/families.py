@@ -9,10 +9,11 @@ differently get a small adapter keyed by ``config.model_type`` (ChatGLM2/3: ``im
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from imsm.model.chatglm import ChatGLMFamily
 
@@ -28,6 +29,8 @@ class Family(Protocol):
     def decoder(self, model: nn.Module) -> nn.Module: ...
 
     def head(self, model: nn.Module) -> nn.Module: ...
+
+    def concat_caches(self, caches: list[Any]) -> Any: ...
 
     def last_hidden(
         self,
@@ -85,6 +88,15 @@ class DecoderFamily:
             use_cache=cache is not None,
         )
         return out.last_hidden_state
+
+    def concat_caches(self, caches: list[DynamicCache]) -> DynamicCache:
+        """One cache holding the rows of ``caches`` in order (all filled over the same prompt length)."""
+        joined = caches[0]
+        if len(caches) > 1:
+            for i, layer in enumerate(joined.layers):
+                layer.keys = torch.cat([c.layers[i].keys for c in caches])
+                layer.values = torch.cat([c.layers[i].values for c in caches])
+        return joined
 
 
 GENERIC = DecoderFamily()
