@@ -3,7 +3,7 @@
 # IMSM over 3 seeds, each evaluated on its target and on the forgetting sets, plus the w/o-query and w/o-gate
 # ablations on CoLA (1 seed, target only, as the paper's Table 4); the Original row scored once; then imsm.report,
 # and docs/results-cpu.md regenerated from it.
-#   scripts/replicate_cpu.sh                       (after `make setup`; measured 99 min on 2 cores: docs/results-cpu.md)
+#   scripts/replicate_cpu.sh                       (after `make setup`; measured 87.7 min on 2 cores: docs/results-cpu.md)
 #   SEEDS=1,2 scripts/replicate_cpu.sh trainer.args.num_train_epochs=2    (extra Hydra overrides go to every job)
 #   REPORT_ONLY=1 ROOT=multirun/replicate_cpu/<time> scripts/replicate_cpu.sh  (re-generate the document only)
 # Outputs: multirun/replicate_cpu/<time>/{mrpc,cola,cola_ablation,original,report}; the report's files are copied

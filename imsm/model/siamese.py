@@ -310,7 +310,7 @@ class IMSMModel(nn.Module):
                 None: 1 on CPU, 8 on GPU.
             prefill_tokens: each stream reads the prompts in row chunks of about this many tokens, then the chunks'
                 caches are joined for decoding (a long prompt's activations and attention scores stay small;
-                measured on 2 CPU cores, 512-token MultiRC prompts: batch 32 in one forward 1.5x slower than in
+                measured on 2 CPU cores, the 96 longest MultiRC prompts, batch 32: one forward 1.6-2x slower than
                 chunks of 8). None: 4096 on CPU, 32768 on GPU.
 
         Returns:
