@@ -5,7 +5,9 @@ a GPU. Contenders alternate inside every repeat (the machine is noisy), each num
 its spread (min-max), and the JSON lands in ``outputs/bench/``. What is measured:
 
 1. training step time (forward + backward + AdamW step), LoRA, batch 8 x 128 tokens: IMSM (``query_aware``) vs
-   vanilla (``gate=none``, same code), fp32 and bf16 autocast;
+   vanilla (``gate=none``, same code), fp32 and bf16 autocast; beside them vanilla PEFT through transformers' own
+   loss (``peft_model(..., labels=...)``) and the frozen forward alone, whose time over vanilla's is the ratio's
+   floor for any exact IMSM step (it must run the frozen model once);
 2. greedy decoding tokens/s after a ~100-token prompt, 128 new tokens (EOS ignored), batch 1 and 8: IMSM vs
    vanilla through the same decoder, and vanilla through ``model.generate``;
 3. peak memory of each (RSS of a fresh subprocess on CPU; ``torch.cuda.max_memory_allocated`` on GPU);
@@ -124,24 +126,59 @@ def train_batch(vocab: int, batch: int, seq: int, prompt: int, device: str) -> d
     }
 
 
-def train_step_fn(model: IMSMModel, batch: dict, autocast: str, device: str) -> Callable[[], None]:
+def autocast_ctx(autocast: str, device: str) -> Callable[[], Any]:
+    """A factory of the step's autocast context: bf16 autocast or none (fp32)."""
+    if autocast == "bf16":
+        return lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    return nullcontext
+
+
+def train_step_fn(
+    model: IMSMModel,
+    batch: dict,
+    autocast: str,
+    device: str,
+    loss_fn: Callable[[], torch.Tensor] | None = None,
+) -> Callable[[], None]:
+    """One optimiser step (forward, backward, AdamW) on ``model``'s trainable parameters.
+
+    ``loss_fn``: what computes the loss (default ``model(**batch).loss``, IMSM's own loss at labelled positions).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ctx = (
-        (lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16))
-        if autocast == "bf16"
-        else nullcontext
-    )
+    ctx = autocast_ctx(autocast, device)
+    compute = loss_fn or (lambda: model(**batch).loss)
 
     def step() -> None:
         model.train()
         with ctx():
-            loss = model(**batch).loss
+            loss = compute()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def hf_loss_fn(model: IMSMModel, batch: dict) -> Callable[[], torch.Tensor]:
+    """Vanilla PEFT the usual transformers way: ``peft_model(..., labels=...)``, logits at every position."""
+    return lambda: (
+        model.peft_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
+    )
+
+
+def frozen_forward_fn(model: IMSMModel, batch: dict, autocast: str, device: str) -> Callable[[], Any]:
+    """The frozen stream alone (adapter off, no gradients), the one piece of work IMSM adds to a PEFT step."""
+    ctx = autocast_ctx(autocast, device)
+
+    def forward() -> None:
+        model.train()
+        with ctx():
+            model.stream_hidden(batch["input_ids"], batch["attention_mask"], adapter=False)
+
+    return forward
 
 
 def prompt_batch(tok: Any, batch: int, length: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,21 +312,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     vanilla = IMSMModel(imsm.peft_model, None)  # same weights, same code, no frozen stream and no gate
     ratios: dict[str, float] = {}
 
-    # 1. training step
+    # 1. training step; two references beside the pair: vanilla PEFT through transformers' own loss (logits at
+    # every position), and the frozen forward alone, IMSM's added work, so the floor of the ratio is printed too
     for precision in args.train_precisions:
         batch = train_batch(len(tok), 8, args.train_seq, args.train_seq // 2, dev)
         res = alternate(
             {
                 "imsm": train_step_fn(imsm, batch, precision, dev),
                 "vanilla": train_step_fn(vanilla, batch, precision, dev),
+                "vanilla_hf_loss": train_step_fn(vanilla, batch, precision, dev, hf_loss_fn(vanilla, batch)),
+                "frozen_forward": frozen_forward_fn(imsm, batch, precision, dev),
             },
             args.repeats,
             dev,
         )
         results[f"train_step_s_{precision}"] = res
         ratios[f"train_step_time_imsm/vanilla_{precision}"] = ratio(res["imsm"], res["vanilla"])
+        floor = (res["vanilla"]["median"] + res["frozen_forward"]["median"]) / res["vanilla"]["median"]
+        ratios[f"train_step_floor_(vanilla+frozen_forward)/vanilla_{precision}"] = floor
+        ratios[f"train_step_time_imsm/hf_peft_loss_{precision}"] = ratio(res["imsm"], res["vanilla_hf_loss"])
         print(
-            f"train {precision}: imsm {res['imsm']['median']:.3f}s vanilla {res['vanilla']['median']:.3f}s",
+            f"train {precision}: " + ", ".join(f"{k} {v['median']:.3f}s" for k, v in res.items()),
             flush=True,
         )
 
