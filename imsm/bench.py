@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         f"\nIMSM vs vanilla PEFT on {args.backbone}, {results['machine']}, {args.repeats} repeats (median):"
     )
     for name, value in results["ratios"].items():
-        print(f"  {name:48} {value:7.3f}  {verdict(name, value)}")
+        print(f"  {name:56} {value:7.3f}  {verdict(name, value)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench_{args.backbone}_{args.device.split(':')[0]}_{time.strftime('%Y%m%d-%H%M%S')}.json"
