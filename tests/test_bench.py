@@ -28,9 +28,16 @@ def test_training_references_time_what_they_say():
     # the HF-loss step trains LoRA
     assert all(not torch.equal(a, b) for a, b in zip(before, lora, strict=True))
     gate = [p.detach().clone() for p in model.gate.parameters()]
-    bench.frozen_forward_fn(model, batch, "fp32", "cpu")()
+    frozen = bench.frozen_forward_fn(model, batch, "fp32", "cpu")()
     assert all(torch.equal(a, b) for a, b in zip(gate, model.gate.parameters(), strict=True))
     assert all(p.grad is None for p in model.parameters())  # no gradients: the frozen stream alone
+    assert not frozen.requires_grad
+    # it is the frozen model: the last hidden state of a plain copy of the backbone with the adapter removed
+    plain = bench.NaiveSiamese(model).frozen
+    expected = plain(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(frozen, expected)
+    tuned = model.stream_hidden(batch["input_ids"], batch["attention_mask"], adapter=True)
+    assert not torch.allclose(frozen, tuned)  # and the adapter was really off
 
 
 def test_quick_benchmark_writes_every_ratio(tmp_path, capsys):
