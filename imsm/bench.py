@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from imsm import CONF_DIR
 from imsm.backbones import load_backbone, load_tokenizer
 from imsm.model.gate import build_gate
 from imsm.model.siamese import IMSMModel, pool_query
@@ -51,7 +52,7 @@ def build(
     ``random_init``: a model directory whose config (and tokenizer) are used with random weights: timing does not
     depend on the weights' values (EOS is ignored), and a config is a few KB where the weights are not.
     """
-    cfg = OmegaConf.load(REPO / "conf" / "backbone" / f"{backbone}.yaml")
+    cfg = OmegaConf.load(CONF_DIR / "backbone" / f"{backbone}.yaml")
     cfg.dtype = dtype
     if random_init:
         tok = load_tokenizer(random_init)

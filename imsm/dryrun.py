@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from imsm import CONF_DIR
 from imsm.model.build import wrap_backbone
 from imsm.model.chatglm import ChatGLMStandIn, ChatGLMStandInConfig
 
@@ -144,7 +145,7 @@ def paper_table(overrides: list[str] | None = None) -> list[dict[str, Any]]:
     apply to all)."""
     from hydra import compose, initialize_config_dir
 
-    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    conf = str(CONF_DIR)
     rows = []
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         for i, backbone in enumerate(PAPER_BACKBONES):

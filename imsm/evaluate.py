@@ -172,7 +172,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     return results
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("imsm").setLevel(logging.INFO)
     evaluate(cfg)

@@ -298,7 +298,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     if not cfg.get("run_dir"):
         OmegaConf.update(cfg, "run_dir", HydraConfig.get().runtime.output_dir, force_add=True)

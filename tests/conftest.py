@@ -56,3 +56,17 @@ def data_dir() -> Path:
     if not (DATA_DIR / "SOURCES.md").exists():
         pytest.skip(f"real data directory not found at {DATA_DIR} (set IMSM_DATA_DIR)")
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
+    """One trained tiny_llama IMSM run (query-aware gate, GSM8K fixture, 2 steps), shared by the tests that only
+    read a finished run: reload, evaluate, report, golden numbers. Returns (run_dir, the metrics dict)."""
+    from helpers import compose_train, tiny_overrides, write_gsm
+
+    from imsm.train import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = write_gsm(root / "data")
+    result = train(compose_train([*tiny_overrides(root / "run", data), "eval_datasets=[gsm8k]"]))
+    return root / "run", result

@@ -33,7 +33,7 @@ from multiproc import (
 
 from imsm import distributed
 
-CONF = str(REPO / "conf")
+CONF = str(REPO / "imsm" / "conf")
 DETERMINISTIC = {"peft.config.lora_dropout": 0, "gate.dropout": 0, "trainer.args.bf16": "false"}
 TOLERANCE = 1e-5  # gloo sums in another order than one process: float rounding, nothing more
 

@@ -132,7 +132,7 @@ def test_hand_arithmetic_spot_checks():
 
 
 def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "imsm" / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
 

@@ -19,14 +19,14 @@ from imsm.model.build import save_model
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = OmegaConf.load(REPO / "conf" / "backbone" / "tiny_llama.yaml")
+    cfg = OmegaConf.load(REPO / "imsm" / "conf" / "backbone" / "tiny_llama.yaml")
     cfg.device = "cpu"
     model, tokenizer = base_model(cfg)
     return model, tokenizer, cfg
 
 
 def evaluate_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "imsm" / "conf"), version_base="1.3"):
         return compose("evaluate", overrides=list(overrides))
 
 

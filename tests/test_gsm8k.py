@@ -13,7 +13,7 @@ from imsm.data.base import DataError
 from imsm.data.gsm8k import make_target
 from imsm.metrics import extract_gsm8k_answer, gsm8k_accuracy, parse_number
 
-DATASET = OmegaConf.load(REPO / "conf" / "dataset" / "gsm8k.yaml")
+DATASET = OmegaConf.load(REPO / "imsm" / "conf" / "dataset" / "gsm8k.yaml")
 
 
 def test_target_drops_calculator_annotations_and_states_the_answer():

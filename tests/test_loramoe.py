@@ -39,7 +39,7 @@ from imsm.model.siamese import IMSMModel
 from imsm.training import IMSMTrainer, training_arguments
 
 torch.set_grad_enabled(True)
-CONF = str(REPO / "conf")
+CONF = str(REPO / "imsm" / "conf")
 FFN = ["gate_proj", "up_proj", "down_proj"]
 GSM_ROWS = [
     {

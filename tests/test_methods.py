@@ -34,7 +34,7 @@ from imsm.model.build import build_model, build_peft_config, load_model, save_mo
 from imsm.training import IMSMTrainer, training_arguments
 
 torch.set_grad_enabled(True)
-CONF = str(REPO / "conf")
+CONF = str(REPO / "imsm" / "conf")
 PAPER_METHODS = ["lora", "adalora", "dora", "ia3"]
 GSM_ROWS = [
     {
@@ -425,7 +425,7 @@ def test_prompt_learning_methods_are_rejected(node):
 
 
 def test_trust_remote_code_is_on_only_where_a_backbone_file_says_so():
-    files = sorted((REPO / "conf" / "backbone").glob("*.yaml"))
+    files = sorted((REPO / "imsm" / "conf" / "backbone").glob("*.yaml"))
     trusted = {p.stem for p in files if OmegaConf.load(p).get("trust_remote_code")}
     assert trusted == {"chatglm3"}
 

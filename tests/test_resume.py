@@ -23,7 +23,7 @@ from multiproc import run_command, tiny_overrides, train_cmd, trained_weights, w
 from imsm import resilience
 from imsm.io import write_json
 
-CONF = str(REPO / "conf")
+CONF = str(REPO / "imsm" / "conf")
 # 12 examples, micro-batch 2, accumulation 2: 3 optimizer steps per epoch; 6 steps = 2 epochs; dropout stays on
 RESUME_RUN = {
     "max_train_samples": 12,

@@ -22,7 +22,7 @@ def test_prepared_copy_is_plain_safetensors():
 
 
 def test_cached_generation_equals_naive_on_smollm2():
-    cfg = OmegaConf.load(REPO / "conf" / "backbone" / "smollm2.yaml")
+    cfg = OmegaConf.load(REPO / "imsm" / "conf" / "backbone" / "smollm2.yaml")
     backbone, tok = load_backbone(cfg, device="cpu")
     assert backbone.config.hidden_size == 576
     peft_model = get_peft_model(

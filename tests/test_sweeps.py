@@ -18,8 +18,8 @@ from test_train import compose_train
 from imsm.report import main as report_main
 from imsm.train import train
 
-CONF = str(REPO / "conf")
-EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+CONF = str(REPO / "imsm" / "conf")
+EXPERIMENTS = sorted(p.stem for p in (REPO / "imsm" / "conf" / "experiment").glob("*.yaml"))
 TABLES = [e for e in EXPERIMENTS if e.startswith("table")]
 
 

@@ -20,7 +20,7 @@ from imsm.data.collate import TokenizedDataset, TrainCollator, encode_example
 from imsm.model.build import load_model
 from imsm.train import train
 
-CONF = str(REPO / "conf")
+CONF = str(REPO / "imsm" / "conf")
 GSM_ROWS = [
     {
         "question": f"Tom has {i} apples and buys {i + 1} more. How many apples does he have?",
@@ -45,7 +45,7 @@ def compose_train(overrides: list[str]):
 
 
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+    return sorted(p.stem for p in (REPO / "imsm" / "conf" / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("group", ["backbone", "peft", "gate", "dataset", "trainer", "experiment"])

@@ -16,9 +16,10 @@ from pathlib import Path
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
+from imsm import CONF_DIR
 from imsm.data.base import SOURCES, DataError, Example, check_source, check_task_type
 
-DATASET_CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "dataset"
+DATASET_CONF_DIR = CONF_DIR / "dataset"
 _SLICED = re.compile(r"^(?P<name>[\w.-]+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
 
 

@@ -1,0 +1,1 @@
+"""The siamese model: streams and mix (``siamese``), KV-cached decoding (``decoding``), gates, adapters."""
