@@ -1,14 +1,17 @@
 """Datasets: row counts of the real files, raw prompts against the paper's reference prompts, hub row mappings,
-the source switch, and errors on bad input (file, line and field named; ``on_bad_row: skip`` counts)."""
+the source switch, the dataset base, and errors on bad input (file, line and field named; ``on_bad_row: skip``
+counts)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 from pathlib import Path
 
 import pytest
+from hydra.utils import get_method
 from omegaconf import DictConfig
 
 from imsm.data import (
@@ -25,7 +28,8 @@ from imsm.data import (
     ropes,
     webq,
 )
-from imsm.data.base import BadRows, load_hub
+from imsm.data.base import RowReader, located, require
+from imsm.data.dataset import Dataset
 
 DATASETS = ["cola", "freebaseqa", "gsm8k", "mrpc", "multirc", "ropes", "webq"]
 
@@ -299,26 +303,24 @@ def test_multirc_yesno_split_is_the_reference_subset(data_dir):
 # --- hub rows (mapped offline; the hub itself is not reachable here) ---------------------------------------------
 
 
-def template(name: str) -> str:
-    return dataset_config(name).template
+def dataset(module, split: str = "train") -> Dataset:
+    """The module's dataset with the template of its YAML (its ``load`` is the class's)."""
+    cls = module.load.__self__
+    cfg = dataset_config(cls.name)
+    return cls(split, cfg.template, **{k: v for k, v in cfg.loader.items() if k != "_target_"})
 
 
 def test_hub_rows_map_to_the_same_examples_as_raw_rows():
-    gsm = gsm8k.example_from_row({"question": "1+1?", "answer": "1+1=<<1+1=2>>2\n#### 2"}, template("gsm8k"))
+    gsm = dataset(gsm8k).example({"question": "1+1?", "answer": "1+1=<<1+1=2>>2\n#### 2"})
     assert (gsm.target, gsm.gold) == ("1+1=2\nThe answer is 2.", "2")
 
-    hub = mrpc.example_from_hub(
-        {"sentence1": "A .", "sentence2": "B .", "label": 1, "idx": 0}, template("mrpc")
-    )
-    raw = mrpc.example_from_raw(
-        {"Quality": "1", "#1 ID": "1", "#2 ID": "2", "#1 String": "A .", "#2 String": "B ."},
-        template("mrpc"),
-        "f",
-        2,
+    hub = dataset(mrpc).example({"sentence1": "A .", "sentence2": "B .", "label": 1, "idx": 0})
+    raw = dataset(mrpc).raw_example(
+        {"Quality": "1", "#1 ID": "1", "#2 ID": "2", "#1 String": "A .", "#2 String": "B ."}
     )
     assert (hub.prompt, hub.target) == (raw.prompt, raw.target) and hub.target == "yes"
 
-    hub = cola.example_from_hub({"sentence": "Him left.", "label": 0, "idx": 3}, template("cola"))
+    hub = dataset(cola).example({"sentence": "Him left.", "label": 0, "idx": 3})
     assert hub.target == "no" and hub.prompt.endswith("Sentence:Him left.\nOutput:")
 
     row = {
@@ -328,11 +330,11 @@ def test_hub_rows_map_to_the_same_examples_as_raw_rows():
         "question": "Q?",
         "answers": {"text": [" cup B "]},
     }
-    hub = ropes.example_from_hub(row, template("ropes"))
+    hub = dataset(ropes).example(row)
     assert hub.target == hub.gold == "cup B"
     assert "Article: B x. S. \nQuestion:Q? \nAnswer:" in hub.prompt
 
-    hub = webq.example_from_hub({"url": "u", "question": "who?", "answers": ["A", "B"]}, template("webq"))
+    hub = dataset(webq).example({"url": "u", "question": "who?", "answers": ["A", "B"]})
     assert (hub.target, hub.gold) == ("A", ["A", "B"])
 
     row = {
@@ -347,7 +349,7 @@ def test_hub_rows_map_to_the_same_examples_as_raw_rows():
             ],
         },
     }
-    hub = freebaseqa.example_from_hub(row, template("freebaseqa"))
+    hub = dataset(freebaseqa).example(row)
     assert (hub.target, hub.gold) == ("shakespeare", ["shakespeare", "william shakespeare"])
     assert hub.prompt.endswith("Question:Who wrote Hamlet?\nAnswer:")
 
@@ -382,11 +384,7 @@ def test_multirc_hub_rows_are_grouped_back_into_questions():
     cfg = dataset_config("multirc")
     grouped = list(multirc.hub_questions(enumerate(multirc_hub_rows(), start=1), "train"))
     assert [n for n, _ in grouped] == [1, 4]
-    examples = [
-        e
-        for n, q in grouped
-        for e in multirc.question_examples(q, cfg.template, cfg.loader.option_question, "hub", n)
-    ]
+    examples = [e for _, q in grouped for e in dataset(multirc).example(q)]
     assert [e.target for e in examples] == ["yes", "no", "yes"]
     assert examples[0].prompt == cfg.template.replace("{question}", "Is it?").replace("{passage}", "P.")
     assert (
@@ -441,7 +439,7 @@ def test_hub_failure_says_how_to_work_offline(monkeypatch):
 
     monkeypatch.setattr("datasets.load_dataset", offline)
     with pytest.raises(DataError, match="could not load hub:stanfordnlp/web_questions.*source=raw"):
-        load_hub(webq.SPEC.hub, "test", "webq", lambda r, w, n: [], BadRows())
+        load_split(config("webq", source="hub"), None, "test")
 
 
 # --- WebQ targetValue --------------------------------------------------------------------------------------------
@@ -468,7 +466,7 @@ def test_webq_target_value_aliases(value, aliases):
 )
 def test_webq_bad_target_value(value):
     with pytest.raises(DataError, match="field 'targetValue'"):
-        webq.parse_target_value(value, "f.json", "[3]")
+        webq.parse_target_value(value)
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------
@@ -630,3 +628,95 @@ def test_a_split_can_be_sliced_like_datasets(tmp_path):
     assert parse_split("train") == ("train", slice(None))
     with pytest.raises(DataError, match=r"bad split 'test\[1\]'.*name\[start:stop\]"):
         load_split(config("gsm8k"), str(tmp_path), "test[1]")
+
+
+# --- the dataset base and the row reader --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_every_config_loads_through_a_dataset_class(name):
+    """``loader._target_`` is the ``load`` of a ``Dataset`` subclass named like its config, with all three sources."""
+    cfg = dataset_config(name)
+    cls = get_method(cfg.loader._target_).__self__
+    assert issubclass(cls, Dataset) and cls.name == name
+    assert cls.files and cls.reference.files and cls.hub.splits
+    assert set(cfg.loader) - {"_target_"} == set(cls.loader_options)
+
+
+def test_the_row_reader_locates_every_error_raised_while_a_row_is_parsed():
+    reader = RowReader("f.jsonl")
+    with pytest.raises(DataError) as info, reader.at(7):
+        require({"a": 1}, "b")
+    assert str(info.value) == "f.jsonl:7: missing field 'b' (fields present: ['a'])"
+    with (
+        pytest.raises(DataError, match=r"^f.jsonl:3 questions\[1\]: boom$"),
+        reader.at(3),
+        reader.at("3 questions[1]"),
+    ):
+        raise DataError("boom")  # nested rows: the innermost names it
+    with pytest.raises(DataError, match=r"^other.json:1: x$"), reader.at(9):
+        raise DataError("x", "other.json", 1)  # an error that knows its place keeps it
+    with (
+        pytest.raises(DataError, match=r"^doc.json:top level: missing field 'data'"),
+        located("doc.json", "top level"),
+    ):
+        require({}, "data")
+
+    skip = RowReader("f.tsv", "skip")
+    with skip.at(1):
+        raise DataError("a")
+    with skip.at(2):
+        raise DataError("b")
+    assert (skip.skipped, skip.first) == (2, "f.tsv:1: a")
+    with pytest.raises(KeyError), skip.at(3):
+        raise KeyError("a bug, not a bad row")
+    assert skip.skipped == 2
+
+
+def test_a_data_error_keeps_its_location_across_processes():
+    error = pickle.loads(pickle.dumps(DataError("bad", Path("f.jsonl"), 2)))
+    assert (str(error), error.message, error.line) == ("f.jsonl:2: bad", "bad", 2)
+    assert str(DataError("bad", "f.json")) == "f.json: bad" and str(DataError("bad")) == "bad"
+
+
+def test_an_unknown_loader_option_lists_the_choices(tmp_path):
+    cfg = config("multirc")
+    cfg.loader.option_questoin = "x"
+    with pytest.raises(
+        DataError, match=r"unknown loader option\(s\) \['option_questoin'\].*\['option_question'\]"
+    ):
+        load_split(cfg, str(tmp_path), "val")
+
+
+def test_skip_applies_per_row_and_each_file_reports_its_own_count(tmp_path, caplog):
+    """A bad MultiRC question skips itself, a bad passage its whole line; CoLA's dev files count separately."""
+    good = {"idx": 1, "question": "Q?", "answers": [{"text": "Yes", "idx": 0, "label": 1}]}
+    passages = [
+        {"idx": 0, "passage": {"text": "P.", "questions": [MULTIRC_LABEL_2, good]}},
+        {"idx": 1, "passage": {"questions": [good]}},
+        {"idx": 2, "passage": {"text": "P2.", "questions": [good]}},
+    ]
+    write(tmp_path, "multirc/val.jsonl", "".join(json.dumps(p) + "\n" for p in passages))
+    write(tmp_path, "cola/raw/in_domain_dev.tsv", "s\t1\t\tok.\ns\tx\t\tbad.\n")
+    write(tmp_path, "cola/raw/out_of_domain_dev.tsv", "s\t0\t\tok.\ns\t1\n")
+    with caplog.at_level(logging.WARNING, logger="imsm.data.base"):
+        examples = load("multirc", tmp_path, "val", on_bad_row="skip")
+        assert [(e.meta["passage"], e.target) for e in examples] == [(0, "yes"), (2, "yes")]
+        assert "skipped 2 malformed rows" in caplog.text
+        assert r"val.jsonl:1 questions[0]: unknown label 2 in field 'label'" in caplog.text
+        caplog.clear()
+        assert [e.target for e in load("cola", tmp_path, "dev", on_bad_row="skip")] == ["yes", "no"]
+    assert "in_domain_dev.tsv: skipped 1 malformed rows" in caplog.text
+    assert "out_of_domain_dev.tsv: skipped 1 malformed rows" in caplog.text
+    assert "expected 4 tab-separated fields" in caplog.text
+
+
+def test_reference_examples_keep_their_line(tmp_path):
+    rows = [
+        '{"input": "p", "output": "yes"}',
+        '{"input": "p", "output": "maybe"}',
+        '{"input": "q", "output": "no"}',
+    ]
+    write(tmp_path, "imsm-reference/mrpc/data_test.json", "\n".join(rows) + "\n")
+    examples = load("mrpc", tmp_path, "test", source="reference", on_bad_row="skip")
+    assert [(e.prompt, e.target, e.meta["line"]) for e in examples] == [("p", "yes", 1), ("q", "no", 3)]

@@ -22,7 +22,7 @@ def test_target_drops_calculator_annotations_and_states_the_answer():
     assert target == "She has 3 * 4 = 12 eggs.\nShe sells 12 - 2 = 10.\nThe answer is 1,000."
     assert final == "1000"
     with pytest.raises(DataError, match="####"):
-        make_target("no final line", "f.jsonl", 7)
+        make_target("no final line")
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,9 @@
-"""Datasets: raw files -> ``Example`` (one module each), tokenisation and collation.
+"""Datasets: raw files -> ``Example`` (one module each, on the base in ``dataset.py``), tokenisation, collation.
 
-Each ``conf/dataset/<name>.yaml`` names its loader (``loader._target_``: a module's ``load`` function), its
-``source`` (``raw`` | ``reference`` | ``hub``), its template, its metric and its ``task_type`` (1 world-knowledge QA,
-0 other: LoRAMoE's balancing constraint); ``load_split`` calls that loader for one split, applies a sample limit
-and stamps each example with the task type. A split may carry a Python slice, as in ``datasets``: ``train[:2000]``,
+Each ``conf/dataset/<name>.yaml`` names its loader (``loader._target_``: a module's ``load``, i.e. its ``Dataset``
+subclass's), its ``source`` (``raw`` | ``reference`` | ``hub``), its template, its metric and its ``task_type``
+(1 world-knowledge QA, 0 other: LoRAMoE's balancing constraint); ``load_split`` calls that loader for one split,
+applies a sample limit and stamps each example with the task type. A split may carry a Python slice, as in ``datasets``: ``train[:2000]``,
 ``train[-500:]`` (a validation slice held out of the training split). ``dataset_config`` reads one of those files by
 name (evaluation on many datasets).
 """
@@ -17,7 +17,8 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from imsm import CONF_DIR
-from imsm.data.base import SOURCES, DataError, Example, check_source, check_task_type
+from imsm.data.base import DataError, Example
+from imsm.data.dataset import SOURCES, check_source, check_task_type
 
 DATASET_CONF_DIR = CONF_DIR / "dataset"
 _SLICED = re.compile(r"^(?P<name>[\w.-]+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")

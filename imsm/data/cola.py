@@ -9,81 +9,48 @@ which differs from this public release in a few sentences and one label (listed 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
 
-from imsm.data.base import (
-    BadRows,
-    Example,
-    HubSpec,
-    SourceSpec,
-    Where,
-    convert_rows,
-    data_path,
-    load_examples,
-    read_tsv,
-    reference_output_yes_no,
-    render,
-    require_str,
-    split_file,
-    yes_no_label,
-)
+from imsm.data.base import Example, Row, RowReader, label, render, require_str
+from imsm.data.dataset import Dataset, HubSpec, Reference, output_yes_no
 
 COLUMNS = ["source", "label", "original_label", "sentence"]
-FILES = {
-    "train": ["cola/raw/in_domain_train.tsv"],
-    "dev": ["cola/raw/in_domain_dev.tsv", "cola/raw/out_of_domain_dev.tsv"],
-    "in_domain_dev": ["cola/raw/in_domain_dev.tsv"],
-    "out_of_domain_dev": ["cola/raw/out_of_domain_dev.tsv"],
-}
 RAW_LABELS = {"1": "yes", "0": "no"}
 HUB_LABELS = {1: "yes", 0: "no"}
 
 
-def make_example(sentence: str, label: str, template: str) -> Example:
-    return Example(prompt=render(template, sentence=sentence), target=label)
+class CoLA(Dataset):
+    """Splits ``train``, ``dev`` (= GLUE dev), ``in_domain_dev`` and ``out_of_domain_dev``."""
 
-
-def example_from_raw(row: dict[str, Any], template: str, where: Where, lineno: int) -> Example:
-    label = yes_no_label(require_str(row, "label", where, lineno).strip(), RAW_LABELS, where, lineno, "label")
-    return make_example(require_str(row, "sentence", where, lineno), label, template)
-
-
-def example_from_hub(row: dict[str, Any], template: str, where: Where = "hub", lineno: int = 0) -> Example:
-    """A ``nyu-mll/glue`` cola row ``{sentence, label, idx}`` -> Example."""
-    label = yes_no_label(row.get("label"), HUB_LABELS, where, lineno, "label")
-    return make_example(require_str(row, "sentence", where, lineno), label, template)
-
-
-SPEC = SourceSpec(
-    "cola",
-    "cola",
-    {"train": "data_train.json", "dev": "data_test.json"},
-    reference_output_yes_no,
-    HubSpec(
+    name = "cola"
+    files = {
+        "train": ["cola/raw/in_domain_train.tsv"],
+        "dev": ["cola/raw/in_domain_dev.tsv", "cola/raw/out_of_domain_dev.tsv"],
+        "in_domain_dev": ["cola/raw/in_domain_dev.tsv"],
+        "out_of_domain_dev": ["cola/raw/out_of_domain_dev.tsv"],
+    }
+    reference = Reference("cola", {"train": "data_train.json", "dev": "data_test.json"}, output_yes_no)
+    hub = HubSpec(
         "nyu-mll/glue",
         "cola",
         {"train": "train", "dev": "validation"},
         note="GLUE hides the test labels; the paper evaluates on the GLUE dev set (split 'dev').",
-    ),
-    example_from_hub,
-)
+    )
+
+    def make_example(self, sentence: str, answer: str) -> Example:
+        return Example(prompt=render(self.template, sentence=sentence), target=answer)
+
+    def read_raw(self, reader: RowReader) -> Iterator[tuple[int, Row]]:
+        return reader.tsv(COLUMNS)
+
+    def raw_example(self, row: Row) -> Example:
+        answer = label(require_str(row, "label").strip(), RAW_LABELS, "label")
+        return self.make_example(require_str(row, "sentence"), answer)
+
+    def example(self, row: Row) -> Example:
+        """A ``nyu-mll/glue`` cola row ``{sentence, label, idx}`` -> Example."""
+        answer = label(row.get("label"), HUB_LABELS, "label")
+        return self.make_example(require_str(row, "sentence"), answer)
 
 
-def load(
-    data_dir: str, split: str, template: str, *, source: str = "raw", on_bad_row: str = "error", **_: object
-) -> list[Example]:
-    """Examples of ``train``, ``dev`` (= GLUE dev), ``in_domain_dev`` or ``out_of_domain_dev``."""
-
-    def raw(_: BadRows) -> list[Example]:
-        examples: list[Example] = []
-        for path in [data_path(data_dir, f) for f in split_file("cola", FILES, split)]:
-            bad = BadRows(on_bad_row)  # one count per file, so the warning names the right file
-            examples += convert_rows(
-                read_tsv(path, COLUMNS, bad=bad),
-                lambda r, w, n: example_from_raw(r, template, w, n),
-                path,
-                bad,
-            )
-        return examples
-
-    return load_examples(SPEC, data_dir, split, template, source, on_bad_row, raw=raw)
+load = CoLA.load

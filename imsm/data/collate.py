@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from imsm.constants import IGNORE_INDEX
 from imsm.data.base import Example
-from imsm.model.siamese import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -13,26 +13,13 @@ eval set: the same questions as ``eval`` minus four, with double quotes removed 
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
-from imsm.data.base import (
-    BadRows,
-    DataError,
-    Example,
-    HubSpec,
-    Line,
-    SourceSpec,
-    Where,
-    convert_rows,
-    data_path,
-    load_examples,
-    read_tsv,
-    reference_output_aliases,
-    render,
-    require_str,
-    split_file,
-)
+from imsm.data.base import DataError, Example, Row, RowReader, render, require_str
+from imsm.data.dataset import Dataset, HubSpec, Reference, output_aliases
 
 COLUMNS = [
     "subject",
@@ -44,35 +31,10 @@ COLUMNS = [
     "answer",
     "question",
 ]
-FILES = {
-    "dev": "freebaseqa/v1.1-prerelease/FreebaseQA-dev.tab",
-    "eval": "freebaseqa/v1.1-prerelease/FreebaseQA-eval.tab",
-}
-
-
-def make_example(question: str, answers: list[str], template: str) -> Example:
-    return Example(prompt=render(template, question=question), target=answers[0], gold=answers)
 
 
 def distinct(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
-
-
-def group_questions(
-    rows: Iterable[tuple[Line, dict[str, str]]], where: Where, bad: BadRows
-) -> Iterator[tuple[Line, dict[str, Any]]]:
-    """Merge the lines of each question: (first line, ``{"question", "answers"}``) in order of first appearance."""
-    groups: dict[str, tuple[Line, list[str]]] = {}
-    for lineno, row in rows:
-        try:
-            question = require_str(row, "question", where, lineno)
-            answer = require_str(row, "answer", where, lineno).strip()
-        except DataError as e:
-            bad.handle(e)
-            continue
-        groups.setdefault(question, (lineno, []))[1].append(answer)
-    for question, (lineno, answers) in groups.items():
-        yield lineno, {"question": question, "answers": distinct(answers)}
 
 
 def answer_names(node: Any) -> Iterator[str]:
@@ -96,41 +58,48 @@ def strings(node: Any) -> Iterator[str]:
             yield from strings(item)
 
 
-def example_from_hub(row: dict[str, Any], template: str, where: Where = "hub", lineno: Line = 0) -> Example:
-    """A v1.0 row ``{Question-ID, RawQuestion, ProcessedQuestion, Parses}`` -> Example (gold: every answer name)."""
-    answers = distinct(a.strip() for a in answer_names(row.get("Parses")) if a.strip())
-    if not answers:
-        raise DataError(f"{where}:{lineno}: field 'Parses' holds no AnswersName")
-    return make_example(require_str(row, "RawQuestion", where, lineno), answers, template)
+class FreebaseQA(Dataset):
+    """Splits ``eval`` and ``dev`` (``train`` only with ``source=hub``)."""
 
+    name = "freebaseqa"
+    files = {
+        "dev": "freebaseqa/v1.1-prerelease/FreebaseQA-dev.tab",
+        "eval": "freebaseqa/v1.1-prerelease/FreebaseQA-eval.tab",
+    }
+    reference = Reference("freebase", {"eval": "data_test.json"}, output_aliases)
+    hub = HubSpec("KelvinJiang/freebase_qa", None, {"train": "train", "dev": "validation", "eval": "test"})
 
-SPEC = SourceSpec(
-    "freebaseqa",
-    "freebase",
-    {"eval": "data_test.json"},
-    reference_output_aliases,
-    HubSpec("KelvinJiang/freebase_qa", None, {"train": "train", "dev": "validation", "eval": "test"}),
-    example_from_hub,
-)
+    def make_example(self, question: str, answers: list[str]) -> Example:
+        return Example(prompt=render(self.template, question=question), target=answers[0], gold=answers)
 
-
-def load(
-    data_dir: str, split: str, template: str, *, source: str = "raw", on_bad_row: str = "error", **_: object
-) -> list[Example]:
-    """Examples of ``eval`` or ``dev`` (``train`` only with ``source=hub``)."""
-
-    def raw(bad: BadRows) -> list[Example]:
-        if split == "train":
+    def raw_paths(self, data_dir: str | os.PathLike | None) -> list[Path]:
+        if self.split == "train":
             raise DataError(
                 "freebaseqa has no train split in the data directory (only the pre-release dev/eval files); "
                 "use it for evaluation, or dataset.source=hub for the v1.0 train set"
             )
-        path = data_path(data_dir, split_file("freebaseqa", FILES, split))
-        # these files were written with CSV quoting, unlike GLUE's: "" inside quotes is one "
-        lines = read_tsv(path, COLUMNS, quoting=csv.QUOTE_MINIMAL, bad=bad)
-        groups = group_questions(lines, path, bad)
-        return convert_rows(
-            groups, lambda r, w, n: make_example(r["question"], r["answers"], template), path, bad
-        )
+        return super().raw_paths(data_dir)
 
-    return load_examples(SPEC, data_dir, split, template, source, on_bad_row, raw=raw)
+    def read_raw(self, reader: RowReader) -> Iterator[tuple[int, Row]]:
+        """Merge the lines of each question: (first line, ``{"question", "answers"}``) in order of first appearance."""
+        groups: dict[str, tuple[int, list[str]]] = {}
+        # these files were written with CSV quoting, unlike GLUE's: "" inside quotes is one "
+        for lineno, row in reader.tsv(COLUMNS, quoting=csv.QUOTE_MINIMAL):
+            with reader.at(lineno):
+                question, answer = require_str(row, "question"), require_str(row, "answer").strip()
+                groups.setdefault(question, (lineno, []))[1].append(answer)
+        for question, (lineno, answers) in groups.items():
+            yield lineno, {"question": question, "answers": distinct(answers)}
+
+    def raw_example(self, row: Row) -> Example:
+        return self.make_example(row["question"], row["answers"])
+
+    def example(self, row: Row) -> Example:
+        """A v1.0 row ``{Question-ID, RawQuestion, ProcessedQuestion, Parses}`` -> Example (gold: every answer)."""
+        answers = distinct(a.strip() for a in answer_names(row.get("Parses")) if a.strip())
+        if not answers:
+            raise DataError("field 'Parses' holds no AnswersName")
+        return self.make_example(require_str(row, "RawQuestion"), answers)
+
+
+load = FreebaseQA.load

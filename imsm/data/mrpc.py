@@ -9,82 +9,43 @@ The paper's reference split has the same rows in the same order, but its sentenc
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
 
-from imsm.data.base import (
-    BadRows,
-    Example,
-    HubSpec,
-    SourceSpec,
-    Where,
-    convert_rows,
-    data_path,
-    load_examples,
-    read_tsv,
-    reference_output_yes_no,
-    render,
-    require_str,
-    split_file,
-    yes_no_label,
-)
+from imsm.data.base import Example, Row, RowReader, label, render, require_str
+from imsm.data.dataset import Dataset, HubSpec, Reference, output_yes_no
 
-FILES = {"train": "mrpc/train.tsv", "dev": "mrpc/dev.tsv", "test": "mrpc/msr_paraphrase_test.txt"}
 RAW_LABELS = {"1": "yes", "0": "no"}
 HUB_LABELS = {1: "yes", 0: "no"}
 
 
-def make_example(sentence1: str, sentence2: str, label: str, template: str) -> Example:
-    return Example(prompt=render(template, sentence1=sentence1, sentence2=sentence2), target=label)
+class MRPC(Dataset):
+    """Splits ``train``, ``dev`` and ``test``."""
 
-
-def example_from_raw(row: dict[str, Any], template: str, where: Where, lineno: int) -> Example:
-    """A GLUE/MSR tsv row -> Example."""
-    label = yes_no_label(
-        require_str(row, "Quality", where, lineno).strip(), RAW_LABELS, where, lineno, "Quality"
-    )
-    return make_example(
-        require_str(row, "#1 String", where, lineno),
-        require_str(row, "#2 String", where, lineno),
-        label,
-        template,
-    )
-
-
-def example_from_hub(row: dict[str, Any], template: str, where: Where = "hub", lineno: int = 0) -> Example:
-    """A ``nyu-mll/glue`` mrpc row ``{sentence1, sentence2, label, idx}`` -> Example."""
-    label = yes_no_label(row.get("label"), HUB_LABELS, where, lineno, "label")
-    return make_example(
-        require_str(row, "sentence1", where, lineno),
-        require_str(row, "sentence2", where, lineno),
-        label,
-        template,
-    )
-
-
-SPEC = SourceSpec(
-    "mrpc",
-    "mrpc",
-    {"train": "data_train.json", "test": "data_test.json"},
-    reference_output_yes_no,
-    HubSpec(
+    name = "mrpc"
+    files = {"train": "mrpc/train.tsv", "dev": "mrpc/dev.tsv", "test": "mrpc/msr_paraphrase_test.txt"}
+    reference = Reference("mrpc", {"train": "data_train.json", "test": "data_test.json"}, output_yes_no)
+    hub = HubSpec(
         "nyu-mll/glue",
         "mrpc",
         {"train": "train", "dev": "validation"},
         note="GLUE hides the test labels on the hub; use source=raw (msr_paraphrase_test.txt) or source=reference.",
-    ),
-    example_from_hub,
-)
+    )
+
+    def make_example(self, sentence1: str, sentence2: str, answer: str) -> Example:
+        return Example(prompt=render(self.template, sentence1=sentence1, sentence2=sentence2), target=answer)
+
+    def read_raw(self, reader: RowReader) -> Iterator[tuple[int, Row]]:
+        return reader.tsv()  # the column names are on the header line
+
+    def raw_example(self, row: Row) -> Example:
+        """A GLUE/MSR tsv row -> Example."""
+        answer = label(require_str(row, "Quality").strip(), RAW_LABELS, "Quality")
+        return self.make_example(require_str(row, "#1 String"), require_str(row, "#2 String"), answer)
+
+    def example(self, row: Row) -> Example:
+        """A ``nyu-mll/glue`` mrpc row ``{sentence1, sentence2, label, idx}`` -> Example."""
+        answer = label(row.get("label"), HUB_LABELS, "label")
+        return self.make_example(require_str(row, "sentence1"), require_str(row, "sentence2"), answer)
 
 
-def load(
-    data_dir: str, split: str, template: str, *, source: str = "raw", on_bad_row: str = "error", **_: object
-) -> list[Example]:
-    """Examples of ``train``, ``dev`` or ``test``."""
-
-    def raw(bad: BadRows) -> list[Example]:
-        path = data_path(data_dir, split_file("mrpc", FILES, split))
-        return convert_rows(
-            read_tsv(path, bad=bad), lambda r, w, n: example_from_raw(r, template, w, n), path, bad
-        )
-
-    return load_examples(SPEC, data_dir, split, template, source, on_bad_row, raw=raw)
+load = MRPC.load

@@ -11,110 +11,91 @@ so the template's own line breaks are the only ones. Raw questions are flattened
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from imsm.data.base import (
-    BadRows,
     DataError,
     Example,
-    HubSpec,
-    Line,
-    SourceSpec,
-    Where,
-    convert_rows,
-    data_path,
-    load_examples,
-    read_json,
-    reference_output_str,
+    Row,
+    RowReader,
+    located,
     render,
     require,
     require_str,
-    split_file,
     string_list,
 )
-
-FILES = {"train": "ropes/train-v1.0.json", "dev": "ropes/dev-v1.0.json"}
+from imsm.data.dataset import Dataset, HubSpec, Reference, output_text
 
 
 def flat(text: str) -> str:
     return text.replace("\r\n", " ").replace("\n", " ")
 
 
-def answer_texts(row: dict[str, Any], where: Where, lineno: Line) -> list[str]:
+def answer_texts(row: Row) -> list[str]:
     """The answers of a row in the hub schema ``{"text": [...]}``, stripped; an empty list is malformed."""
-    answers = require(row, "answers", where, lineno)
+    answers = require(row, "answers")
     if not isinstance(answers, dict):
-        raise DataError(f"{where}:{lineno}: field 'answers' should be {{'text': [...]}}, found {answers!r}")
-    texts = string_list(answers.get("text"), "answers.text", where, lineno)
-    return [t.strip() for t in texts]
-
-
-def example_from_hub(row: dict[str, Any], template: str, where: Where = "hub", lineno: Line = 0) -> Example:
-    """One question in the ``allenai/ropes`` schema -> Example."""
-    prompt = render(
-        template,
-        background=flat(require_str(row, "background", where, lineno)),
-        situation=flat(require_str(row, "situation", where, lineno)),
-        question=require_str(row, "question", where, lineno),
-    )
-    texts = answer_texts(row, where, lineno)
-    return Example(
-        prompt=prompt,
-        target=texts[0],
-        gold=texts[0] if len(texts) == 1 else texts,
-        meta={"id": row.get("id")},
-    )
+        raise DataError(f"field 'answers' should be {{'text': [...]}}, found {answers!r}")
+    return [t.strip() for t in string_list(answers.get("text"), "answers.text")]
 
 
 def _get(obj: Any, key: str) -> Any:
     return obj.get(key) if isinstance(obj, dict) else None
 
 
-def raw_rows(doc: Any, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(position, question row in the hub schema) for every question of a SQuAD-style document.
+class ROPES(Dataset):
+    """Splits ``train`` and ``dev``."""
 
-    Missing fields are left as None here, so the row mapping reports them (and ``on_bad_row`` applies).
-    """
-    data = require(doc, "data", path, "top level")
-    for i, article in enumerate(data):
-        for j, para in enumerate(require(article, "paragraphs", path, f"data[{i}]")):
-            for k, qa in enumerate(require(para, "qas", path, f"data[{i}].paragraphs[{j}]")):
-                answers = _get(qa, "answers")
-                texts = [_get(a, "text") for a in answers] if isinstance(answers, list) else None
-                yield (
-                    f"data[{i}].paragraphs[{j}].qas[{k}]",
-                    {
-                        "id": _get(qa, "id"),
-                        "background": _get(para, "background"),
-                        "situation": _get(para, "situation"),
-                        "question": _get(qa, "question"),
-                        "answers": None if texts is None else {"text": texts},
-                    },
-                )
+    name = "ropes"
+    files = {"train": "ropes/train-v1.0.json", "dev": "ropes/dev-v1.0.json"}
+    # the authors' train file was too large to copy: use the raw one
+    reference = Reference("ropes", {"dev": "data_test.json"}, output_text)
+    hub = HubSpec("allenai/ropes", None, {"train": "train", "dev": "validation"})
+
+    def example(self, row: Row) -> Example:
+        """One question in the ``allenai/ropes`` schema -> Example."""
+        prompt = render(
+            self.template,
+            background=flat(require_str(row, "background")),
+            situation=flat(require_str(row, "situation")),
+            question=require_str(row, "question"),
+        )
+        texts = answer_texts(row)
+        return Example(
+            prompt=prompt,
+            target=texts[0],
+            gold=texts[0] if len(texts) == 1 else texts,
+            meta={"id": row.get("id")},
+        )
+
+    def read_raw(self, reader: RowReader) -> Iterator[tuple[str, Row]]:
+        """(position, question row in the hub schema) for every question of a SQuAD-style document.
+
+        A document without ``data``/``paragraphs``/``qas`` is malformed as a whole; a question's missing fields are
+        left as None here, so ``example`` reports them (and ``on_bad_row`` applies).
+        """
+        doc = reader.json()
+        with located(reader.where, "top level"):
+            data = require(doc, "data")
+        for i, article in enumerate(data):
+            with located(reader.where, f"data[{i}]"):
+                paragraphs = require(article, "paragraphs")
+            for j, para in enumerate(paragraphs):
+                with located(reader.where, f"data[{i}].paragraphs[{j}]"):
+                    qas = require(para, "qas")
+                for k, qa in enumerate(qas):
+                    answers = _get(qa, "answers")
+                    texts = [_get(a, "text") for a in answers] if isinstance(answers, list) else None
+                    yield (
+                        f"data[{i}].paragraphs[{j}].qas[{k}]",
+                        {
+                            "id": _get(qa, "id"),
+                            "background": _get(para, "background"),
+                            "situation": _get(para, "situation"),
+                            "question": _get(qa, "question"),
+                            "answers": None if texts is None else {"text": texts},
+                        },
+                    )
 
 
-# the authors' train file was too large to copy: use the raw one
-SPEC = SourceSpec(
-    "ropes",
-    "ropes",
-    {"dev": "data_test.json"},
-    reference_output_str,
-    HubSpec("allenai/ropes", None, {"train": "train", "dev": "validation"}),
-    example_from_hub,
-)
-
-
-def load(
-    data_dir: str, split: str, template: str, *, source: str = "raw", on_bad_row: str = "error", **_: object
-) -> list[Example]:
-    """Examples of ``train`` or ``dev``."""
-
-    def convert(row: dict[str, Any], where: Where, lineno: Line) -> Example:
-        return example_from_hub(row, template, where, lineno)
-
-    def raw(bad: BadRows) -> list[Example]:
-        path = data_path(data_dir, split_file("ropes", FILES, split))
-        return convert_rows(raw_rows(read_json(path), path), convert, path, bad)
-
-    return load_examples(SPEC, data_dir, split, template, source, on_bad_row, raw=raw)
+load = ROPES.load
