@@ -7,8 +7,10 @@ shapes and no storage, so an 8B model costs nothing and nothing is downloaded, n
 reports. ChatGLM3 has no transformers class (remote code only): it is built as ``ChatGLMStandIn``, a module tree with
 the same names and linear shapes, so target matching and counts equal the real model's.
 
-A multirun (``-m backbone=llama2,llama3 peft=lora,ia3 dry_run=true``) prints the header once and one row per job.
-``python -m imsm.dryrun`` prints every paper backbone x method in one process.
+Entry point: ``python -m imsm.dryrun backbone=llama3 peft=lora`` (or ``imsm-dryrun``) composes the same config as
+``imsm.train`` (whose ``dry_run=true`` stays as an alias); a multirun (``-m backbone=llama2,llama3 peft=lora,ia3``)
+prints the header once and one row per job. ``python -m imsm.dryrun --paper [overrides]`` prints every paper
+backbone x method in one process.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -88,7 +91,7 @@ def dry_run(cfg: DictConfig, print_header: bool | None = None) -> dict[str, Any]
         "backbone": cfg.backbone.name,
         "peft": cfg.peft.name,
         "gate": cfg.gate.type,
-        "gate_rank": cfg.gate.rank,
+        "gate_rank": cfg.gate.get("rank"),
         "backbone_params": backbone_params,
         "trainable_parameters": counts,
         "percent": 100.0 * counts["total"] / backbone_params,
@@ -162,6 +165,18 @@ def paper_table(overrides: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    dry_run(cfg)
+
+
+def main() -> None:
+    """``python -m imsm.dryrun [overrides]``: one row (or a multirun's table); ``--paper``: the paper's whole table."""
+    if "--paper" in sys.argv[1:]:
+        paper_table([a for a in sys.argv[1:] if a != "--paper"])
+    else:
+        hydra_main()
+
+
 if __name__ == "__main__":
-    # `python -m imsm.dryrun [hydra overrides]`: the whole paper table in one process, e.g. `gate.rank=16`.
-    paper_table(sys.argv[1:])
+    main()

@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from imsm.data import DataError
-from imsm.evaluate import base_model, evaluate, evaluate_datasets, results_table
+from imsm.evaluate import base_model, evaluate
+from imsm.evaluation import EvalSettings, evaluate_datasets, results_table
 from imsm.model.build import save_model
 
 
@@ -30,6 +31,13 @@ def evaluate_config(*overrides: str):
         return compose("evaluate", overrides=list(overrides))
 
 
+def settings(names: list[str], data_dir, limit: int, **options) -> EvalSettings:
+    """The evaluation stage's settings as ``python -m imsm.evaluate`` builds them (batch 2, prompts of 256)."""
+    overrides = [f"datasets=[{','.join(names)}]", f"data_dir={data_dir}", f"limit={limit}", "batch_size=2"]
+    overrides += ["max_input_length=256", *(f"{k}={'null' if v is None else v}" for k, v in options.items())]
+    return EvalSettings.from_evaluate_config(evaluate_config(*overrides))
+
+
 def test_results_table_has_a_row_per_dataset_and_a_column_per_metric():
     table = results_table(
         {"mrpc": {"accuracy": 0.5, "f1": 0.25, "invalid": 1, "n": 4}, "webq": {"accuracy": 1.0, "n": 2}}
@@ -44,8 +52,8 @@ def test_evaluate_datasets_writes_metrics_and_predictions(tiny, data_dir, tmp_pa
     model, tokenizer, _ = tiny
     names = ["webq", "freebaseqa", "multirc", "mrpc"]
     results = evaluate_datasets(
-        model, tokenizer, names, str(data_dir), 3, tmp_path, 2, 256, False, "base", max_new_tokens=3
-    )
+        model, tokenizer, settings(names, data_dir, 3, max_new_tokens=3), tmp_path, "base"
+    ).model
     assert list(results) == names
     assert set(results["mrpc"]) == {"accuracy", "f1", "invalid", "n"}
     assert set(results["webq"]) == {"accuracy", "n"}
@@ -61,29 +69,18 @@ def test_evaluate_datasets_writes_metrics_and_predictions(tiny, data_dir, tmp_pa
 def test_source_override_reads_the_reference_split(tiny, data_dir, tmp_path):
     model, tokenizer, _ = tiny
     evaluate_datasets(
-        model,
-        tokenizer,
-        ["multirc"],
-        str(data_dir),
-        limit=2,
-        out_dir=tmp_path,
-        batch_size=2,
-        max_input_length=256,
-        chat_template=False,
-        streams="base",
-        max_new_tokens=1,
-        source="reference",
+        model, tokenizer, settings(["multirc"], data_dir, 2, max_new_tokens=1, source="reference"), tmp_path, "base"
     )
     rows = [json.loads(line) for line in (tmp_path / "multirc" / "predictions.jsonl").open()]
     reference = (data_dir / "imsm-reference" / "multirc" / "data_test.json").open().readline()
     assert rows[0]["prompt"] == json.loads(reference)["input"]
 
 
-def test_unknown_dataset_fails_before_generating(tiny, tmp_path):
-    model, tokenizer, _ = tiny
+def test_unknown_dataset_fails_before_generating(tmp_path):
     with pytest.raises(DataError, match=r"unknown dataset 'boolq'; choices: \['cola', 'freebaseqa'"):
-        evaluate_datasets(model, tokenizer, ["mrpc", "boolq"], None, 2, tmp_path, 2, 256, False)
-    assert not (tmp_path / "mrpc").exists()
+        settings(["mrpc", "boolq"], tmp_path, 2)
+    with pytest.raises(ValueError, match=r"eval.scoring='likelihod' is not one of \['generate'"):
+        settings(["mrpc"], tmp_path, 2, scoring="likelihod")
 
 
 def test_hydra_app_on_the_base_model_prints_the_table(data_dir, tmp_path, capsys):
@@ -155,14 +152,12 @@ def test_generation_can_run_under_bf16_autocast(tiny, data_dir, tmp_path):
     handle = linear.register_forward_hook(lambda mod, inp, out: dtypes.add(out.dtype))
     try:
         results = evaluate_datasets(
-            model, tokenizer, ["mrpc"], str(data_dir), 2, tmp_path, 2, 256, False, "base", autocast="bf16"
-        )
+            model, tokenizer, settings(["mrpc"], data_dir, 2, autocast="bf16"), tmp_path, "base"
+        ).model
     finally:
         handle.remove()
     assert dtypes == {torch.bfloat16} and results["mrpc"]["n"] == 2
     assert next(model.parameters()).dtype == torch.float32
     assert json.loads((tmp_path / "mrpc" / "metrics.json").read_text())["autocast"] == "bf16"
     with pytest.raises(ValueError, match=r"autocast='int8' is not one of \[null, fp32, bf16, fp16\]"):
-        evaluate_datasets(
-            model, tokenizer, ["mrpc"], str(data_dir), 1, tmp_path, 2, 256, False, autocast="int8"
-        )
+        settings(["mrpc"], data_dir, 1, autocast="int8")

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
-from hydra import compose, initialize_config_dir
+from helpers import compose_train, tiny_overrides, write_gsm
+from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from imsm.data import DataError, load_split
@@ -20,28 +21,10 @@ from imsm.data.collate import TokenizedDataset, TrainCollator, encode_example
 from imsm.model.build import load_model
 from imsm.train import train
 
-CONF = str(REPO / "imsm" / "conf")
-GSM_ROWS = [
-    {
-        "question": f"Tom has {i} apples and buys {i + 1} more. How many apples does he have?",
-        "answer": f"Tom has {i} + {i + 1} = <<{i}+{i + 1}={2 * i + 1}>>{2 * i + 1} apples.\n#### {2 * i + 1}",
-    }
-    for i in range(12)
-]
-
 
 @pytest.fixture
 def gsm_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "data" / "gsm8k"
-    d.mkdir(parents=True)
-    for split in ("train", "test"):
-        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GSM_ROWS))
-    return tmp_path / "data"
-
-
-def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return write_gsm(tmp_path / "data")
 
 
 def group_options(group: str) -> list[str]:
@@ -58,56 +41,48 @@ def test_every_config_option_composes(group):
 
 
 def test_unknown_option_lists_the_choices():
-    proc = subprocess.run(
-        [sys.executable, "-m", "imsm.train", "gate=bogus"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode != 0
-    assert "query_aware" in proc.stderr and "no_query" in proc.stderr  # Hydra lists the available options
+    with pytest.raises(MissingConfigException) as error:
+        compose_train(["gate=bogus"])
+    assert "query_aware" in str(error.value) and "no_query" in str(error.value)  # Hydra lists the options
 
 
-def tiny_overrides(run_dir: Path, data_dir: Path, gate: str = "query_aware") -> list[str]:
-    return [
-        "backbone=tiny_llama",
-        f"gate={gate}",
-        f"run_dir={run_dir}",
-        f"data_dir={data_dir}",
-        "max_train_samples=8",
-        "max_eval_samples=3",
-        "eval.max_new_tokens=6",
-        "eval.batch_size=2",
-        "trainer.args.max_steps=2",
-        "trainer.args.per_device_train_batch_size=4",
-        "trainer.effective_batch_size=4",
-        "trainer.args.disable_tqdm=true",
-    ]
-
-
-@pytest.mark.parametrize("gate", ["query_aware", "none"])
-def test_train_saves_a_run_that_reloads_with_identical_logits(tmp_path, gsm_dir, gate):
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("eval_datasets=[webqs]", r"unknown dataset 'webqs'; choices: \['cola'"),
+        ("dataset.eval_split='test[:x]'", r"bad split 'test\[:x\]'"),
+        ("eval.scoring=generation", r"eval.scoring='generation' is not one of \['generate'\]"),
+        ("eval.autocast=int8", r"autocast='int8' is not one of \[null, fp32, bf16, fp16\]"),
+    ],
+)
+def test_bad_evaluation_settings_fail_before_training(tmp_path, gsm_dir, override, message):
     run_dir = tmp_path / "run"
-    cfg = compose_train(tiny_overrides(run_dir, gsm_dir, gate))
-    result = train(cfg)
+    with pytest.raises((DataError, ValueError), match=message):
+        train(compose_train([*tiny_overrides(run_dir, gsm_dir), override]))
+    assert not run_dir.exists()  # nothing was trained, saved or written
+
+
+def test_train_saves_a_run_that_reloads_with_identical_logits(tiny_run, gsm_dir):
+    run_dir, result = tiny_run
     assert result["status"] == "ok" and result["global_steps"] == 2
     for name in (
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
         "gate.json",
+        "gate.safetensors",
         "config.yaml",
         "metrics.json",
-        "predictions.jsonl",
-        "predictions_base.jsonl",
+        "eval/gsm8k/predictions.jsonl",
+        "eval_base/gsm8k/predictions.jsonl",
     ):
         assert (run_dir / name).exists(), name
-    assert (run_dir / "gate.safetensors").exists() == (gate == "query_aware")
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result))  # the file is what train() returned
     assert metrics["metrics"]["n"] == 3 and 0.0 <= metrics["metrics"]["accuracy"] <= 1.0
-    assert metrics["trainable_parameters"]["gate"] == (5 * 64 * 8 if gate == "query_aware" else 0)
-    preds = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["trainable_parameters"]["gate"] == 5 * 64 * 8
+    preds = [json.loads(line) for line in (run_dir / "eval" / "gsm8k" / "predictions.jsonl").open()]
     assert len(preds) == 3 and set(preds[0]) == {"prompt", "generation", "gold", "correct"}
+    cfg = OmegaConf.load(run_dir / "config.yaml")
 
     # reload: identical logits to a fresh in-memory model built from the same files
     model, tok = load_model(run_dir, device="cpu")
@@ -124,16 +99,28 @@ def test_train_saves_a_run_that_reloads_with_identical_logits(tmp_path, gsm_dir,
         batch["input_ids"], batch["attention_mask"], batch["query_mask"], return_logits=True
     ).logits
     assert torch.equal(logits, logits2)
-    # and the adapter is a plain peft adapter
+
+
+def test_vanilla_run_is_a_plain_peft_adapter(tmp_path, gsm_dir):
+    """gate=none: no gate file, and plain ``PeftModel.from_pretrained`` gives the run's own logits."""
     from peft import PeftModel
 
     from imsm.backbones import load_backbone
 
-    plain = PeftModel.from_pretrained(
-        load_backbone(OmegaConf.load(run_dir / "config.yaml").backbone, "cpu")[0], run_dir / "adapter"
-    )
-    if gate == "none":
-        assert torch.equal(plain(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, logits)
+    run_dir = tmp_path / "run"
+    result = train(compose_train([*tiny_overrides(run_dir, gsm_dir, "none"), "eval.enabled=false"]))
+    assert result["trainable_parameters"]["gate"] == 0 and not (run_dir / "gate.safetensors").exists()
+    model, tok = load_model(run_dir, device="cpu")
+    feats = [encode_example(tok, Example(prompt="Tom has 3 apples.", target=" 3"), 64, 32)]
+    batch = TrainCollator(tok.pad_token_id)(feats)
+    with torch.no_grad():
+        logits = model(batch["input_ids"], batch["attention_mask"], return_logits=True).logits
+        plain = PeftModel.from_pretrained(
+            load_backbone(OmegaConf.load(run_dir / "config.yaml").backbone, "cpu")[0], run_dir / "adapter"
+        )
+        assert torch.equal(
+            plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, logits
+        )
 
 
 def test_trained_model_logits_survive_save_and_load(tmp_path, gsm_dir):
@@ -181,7 +168,9 @@ def test_cli_trains_tiny_model_quickly(tmp_path, gsm_dir):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trainable: adapter" in proc.stdout and "run dir:" in proc.stdout
-    assert (tmp_path / "cli" / "metrics.json").exists()
+    record = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    # the command line's choices are recorded: the report groups runs by the ones that vary
+    assert record["choices"]["backbone"] == "tiny_llama" and record["choices"]["max_train_samples"] == "8"
 
 
 def test_missing_data_file_names_the_path_and_the_setting(tmp_path):
@@ -215,13 +204,9 @@ def test_prompt_and_target_join_with_nothing_between():
     )["input_ids"] + [tok.eos_token_id]
 
 
-def test_train_evaluates_the_forgetting_datasets(tmp_path, gsm_dir):
+def test_train_evaluates_the_forgetting_datasets(tiny_run):
     """eval_datasets adds a row per dataset (trained and frozen), written under eval/ and eval_base/."""
-    run_dir = tmp_path / "run"
-    cfg = compose_train(
-        [*tiny_overrides(run_dir, gsm_dir), "eval_datasets=[gsm8k]", "trainer.args.max_steps=1"]
-    )
-    result = train(cfg)
+    run_dir, result = tiny_run
     assert result["eval_datasets"]["gsm8k"]["n"] == 3
     assert result["base_eval_datasets"]["gsm8k"]["n"] == 3
     for sub in ("eval", "eval_base"):

@@ -1,0 +1,283 @@
+"""The evaluation stage: one settings object in, every dataset scored the same way, one output layout.
+
+``EvalSettings`` says what to evaluate (the target, the forgetting sets), how (scorer, batch, lengths, autocast), and
+whether to also score the frozen backbone (the paper's "Original" row, optionally cached across a sweep). It is built
+from the run config before any training (``EvalSettings.from_train_config``), so a misspelt dataset name, split or
+scorer fails in seconds rather than after hours of training.
+
+Scoring is a registry: ``SCORERS[name](model, tokenizer, examples, dataset, settings, streams, desc)`` returns
+``(metrics, per-example rows)``. A new way of scoring is one function added there plus its name in ``eval.scoring``.
+
+Layout, for every dataset alike: ``<out>/<name>/metrics.json`` (metrics + how they were obtained) and
+``<out>/<name>/predictions.jsonl``, plus ``<out>/metrics.json`` (``{name: metrics}``). A training run uses
+``<run_dir>/eval`` for the model and ``<run_dir>/eval_base`` for the frozen backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
+
+from imsm.backbones import DTYPES
+from imsm.data import DataError, check_source, dataset_config, load_split, parse_split
+from imsm.data.base import Example
+from imsm.io import write_json, write_jsonl
+from imsm.model.siamese import STREAMS, IMSMModel
+from imsm.predict import evaluate_examples
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR, BASE_DIR = "eval", "eval_base"
+
+
+@dataclass(frozen=True)
+class DatasetEval:
+    """One dataset to score: its config node (``conf/dataset/<name>.yaml``, with overrides), first ``limit`` rows."""
+
+    name: str
+    config: DictConfig
+    limit: int | None
+    max_new_tokens: int
+
+
+@dataclass
+class EvalSettings:
+    """Everything the evaluation stage needs; nothing else is read from the run config."""
+
+    datasets: list[DatasetEval]
+    data_dir: str | None
+    batch_size: int = 8
+    max_input_length: int = 512
+    chat_template: bool = False
+    autocast: str | None = None
+    scoring: str = "generate"
+    compare_base: bool = False
+    original_cache: str | None = None
+    backbone: dict[str, Any] = field(default_factory=dict)  # the frozen backbone's config: the cache key's part
+
+    def __post_init__(self) -> None:
+        if self.scoring not in SCORERS:
+            raise ValueError(f"eval.scoring={self.scoring!r} is not one of {sorted(SCORERS)}")
+        if self.autocast not in (None, *DTYPES):
+            raise ValueError(f"autocast={self.autocast!r} is not one of [null, {', '.join(DTYPES)}]")
+        for ds in self.datasets:
+            split = ds.config.get("eval_split")
+            if not split:
+                raise DataError(f"{ds.name}: no eval_split in its config")
+            parse_split(split)
+            check_source(ds.name, ds.config.get("source") or "raw")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a dataset is listed twice for evaluation: {names}")
+
+    @classmethod
+    def from_train_config(cls, cfg: DictConfig) -> EvalSettings:
+        """The target (``cfg.dataset``, as overridden) then ``cfg.eval_datasets``; limits from ``eval.limits``.
+
+        ``eval.max_new_tokens`` applies to the target only (the forgetting sets keep their own). A forgetting set that
+        is the target itself is scored once, as the target.
+        """
+        ev = cfg.eval
+        limits = ev.get("limits") or {}
+
+        def entry(name: str, node: DictConfig, max_new_tokens: int | None = None) -> DatasetEval:
+            limit = limits.get(name, cfg.max_eval_samples)
+            return DatasetEval(name, node, limit, int(max_new_tokens or node.max_new_tokens))
+
+        target = entry(cfg.dataset.name, cfg.dataset, ev.max_new_tokens)
+        others = [entry(n, dataset_config(n)) for n in (cfg.eval_datasets or []) if n != target.name]
+        return cls(
+            datasets=[target, *others],
+            data_dir=cfg.data_dir,
+            batch_size=int(ev.batch_size),
+            max_input_length=int(cfg.max_input_length),
+            chat_template=bool(cfg.chat_template),
+            autocast=ev.get("autocast"),
+            scoring=ev.get("scoring") or "generate",
+            compare_base=bool(ev.compare_base),
+            original_cache=ev.get("original_cache"),
+            backbone=OmegaConf.to_container(cfg.backbone, resolve=True),  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def from_evaluate_config(cfg_cls, cfg: DictConfig) -> EvalSettings:
+        """``python -m imsm.evaluate``: ``datasets`` (a name or a list), one ``limit``, optional ``source``."""
+        names = [cfg.datasets] if isinstance(cfg.datasets, str) else list(cfg.datasets)
+        datasets = []
+        for name in names:
+            node = dataset_config(name)
+            if cfg.get("source"):
+                node.source = cfg.source
+            datasets.append(DatasetEval(name, node, cfg.limit, int(cfg.max_new_tokens or node.max_new_tokens)))
+        return cfg_cls(
+            datasets=datasets,
+            data_dir=cfg.data_dir,
+            batch_size=int(cfg.batch_size),
+            max_input_length=int(cfg.max_input_length),
+            chat_template=bool(cfg.chat_template),
+            autocast=cfg.get("autocast"),
+            scoring=cfg.get("scoring") or "generate",
+        )
+
+
+Scorer = Callable[..., tuple[dict[str, Any], list[dict[str, Any]]]]
+
+
+def score_by_generation(
+    model: IMSMModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    ds: DatasetEval,
+    settings: EvalSettings,
+    streams: str,
+    desc: str,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Greedy generation (both streams, KV-cached) scored by the dataset's metric."""
+    return evaluate_examples(
+        model,
+        tokenizer,
+        examples,
+        ds.config.metric,
+        max_new_tokens=ds.max_new_tokens,
+        batch_size=settings.batch_size,
+        max_input_length=settings.max_input_length,
+        chat_template=settings.chat_template,
+        streams=streams,
+        desc=desc,
+        autocast=settings.autocast,
+    )
+
+
+SCORERS: dict[str, Scorer] = {"generate": score_by_generation}
+
+
+def score_dataset(
+    model: IMSMModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ds: DatasetEval,
+    settings: EvalSettings,
+    out_dir: Path,
+    streams: str,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Load, score and write one dataset: ``<out_dir>/<name>/{metrics.json, predictions.jsonl}``.
+
+    Returns (metrics, per-example rows)."""
+    if streams not in STREAMS:
+        raise ValueError(f"streams={streams!r} is not one of {list(STREAMS)}")
+    split = ds.config.eval_split
+    examples = load_split(ds.config, settings.data_dir, split, ds.limit)
+    start = time.perf_counter()
+    scorer = SCORERS[settings.scoring]
+    metrics, rows = scorer(model, tokenizer, examples, ds, settings, streams, f"eval {ds.name} ({streams})")
+    info = {
+        "dataset": ds.name,
+        "split": split,
+        "source": ds.config.get("source") or "raw",
+        "metric": ds.config.metric,
+        "scoring": settings.scoring,
+        "streams": streams,
+        "limit": ds.limit,
+        "autocast": settings.autocast,
+        "seconds": round(time.perf_counter() - start, 2),
+        "metrics": metrics,
+    }
+    write_json(out_dir / ds.name / "metrics.json", info)
+    write_jsonl(out_dir / ds.name / "predictions.jsonl", rows)
+    return metrics, rows
+
+
+def cached_original(settings: EvalSettings, ds: DatasetEval, compute: Callable[[], dict]) -> dict:
+    """The frozen backbone's metrics on ``ds``, computed once per ``original_cache`` directory.
+
+    Every job of a sweep would otherwise decode the same examples with the same frozen weights; the key holds
+    everything the result depends on (backbone, dataset config, data, limit, decoding settings).
+    """
+    if not settings.original_cache:
+        return compute()
+    key = {
+        "backbone": settings.backbone,
+        "dataset": OmegaConf.to_container(ds.config, resolve=True),
+        "data_dir": settings.data_dir,
+        "limit": ds.limit,
+        "max_new_tokens": ds.max_new_tokens,
+        "autocast": settings.autocast,
+        "batch_size": settings.batch_size,
+        "max_input_length": settings.max_input_length,
+        "chat_template": settings.chat_template,
+    }
+    if settings.scoring != "generate":  # keeps the keys (and so the caches) of earlier generation-only sweeps
+        key["scoring"] = settings.scoring
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(settings.original_cache) / f"{settings.backbone.get('name')}_{ds.name}_{digest}.json"
+    if path.exists():
+        log.info("original %s: reusing %s", ds.name, path)
+        return json.loads(path.read_text())["metrics"]
+    metrics = compute()
+    write_json(path, {"key": key, "metrics": metrics})
+    return metrics
+
+
+@dataclass
+class EvalResult:
+    """``{name: metrics}`` of the model and (with ``compare_base``) of the frozen backbone, in settings order;
+    ``rows``: the model's per-example rows of each dataset."""
+
+    model: dict[str, dict[str, Any]] = field(default_factory=dict)
+    base: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def evaluate_datasets(
+    model: IMSMModel,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: EvalSettings,
+    out_dir: str | Path,
+    streams: str = "imsm",
+    base_dir: str | Path | None = None,
+) -> EvalResult:
+    """Score every dataset of ``settings`` with ``streams`` into ``out_dir``; then, with ``compare_base``, the frozen
+    backbone into ``base_dir`` (default: ``eval_base`` beside ``out_dir``)."""
+    out_dir, start = Path(out_dir), time.perf_counter()
+    base_dir = Path(base_dir) if base_dir else out_dir.parent / BASE_DIR
+    result = EvalResult()
+    n = len(settings.datasets)
+    for i, ds in enumerate(settings.datasets, start=1):
+        log.info("[%d/%d] %s/%s: %s", i, n, ds.name, ds.config.eval_split, streams)
+        result.model[ds.name], result.rows[ds.name] = score_dataset(model, tokenizer, ds, settings, out_dir, streams)
+    write_json(out_dir / "metrics.json", result.model)
+    if settings.compare_base:
+        for ds in settings.datasets:
+            result.base[ds.name] = cached_original(
+                settings, ds, lambda ds=ds: score_dataset(model, tokenizer, ds, settings, base_dir, "base")[0]
+            )
+        write_json(base_dir / "metrics.json", result.base)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> str:
+    """Datasets as rows, every metric that any of them reports as columns (``-`` where absent)."""
+    columns: list[str] = []
+    for metrics in results.values():
+        columns += [k for k in metrics if k not in columns]
+    counts = [c for c in ("invalid", "n") if c in columns]  # counts after the scores
+    columns = [c for c in columns if c not in counts] + counts
+    width = max([len("dataset"), *map(len, results)]) + 2
+    lines = [f"{'dataset':<{width}}" + "".join(f"{c:>13}" for c in columns)]
+    for name, metrics in results.items():
+        cells = []
+        for c in columns:
+            v = metrics.get(c)
+            cells.append("-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v))
+        lines.append(f"{name:<{width}}" + "".join(f"{c:>13}" for c in cells))
+    return "\n".join(lines)
