@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from imsm.report import ReportError, build_table, load_runs, main, paired_ttest, report
+import imsm
+from imsm.report import ReportError, build_table, labels, load_runs, main, paired_ttest, report
 
 SETUP = {"max_train_samples": 64, "max_eval_samples": 40}
 # ROPES F1 over seeds 1, 2, 3: IMSM - vanilla = 5, 6, 5 points -> t = 16 with 2 degrees of freedom
@@ -37,6 +38,21 @@ def write_run(root: Path, name: str, **fields) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(run))
     return path
+
+
+def md_table(text: str) -> list[list[str]]:
+    """Every row of the Markdown pipe tables in ``text`` as stripped cells (headers kept, ``|:---|`` lines dropped)."""
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("|")
+    ]
+    return [r for r in rows if not set("".join(r)) <= set(":-")]
+
+
+def by_method(text: str, column: int = 2) -> dict[str, list[str]]:
+    """Table rows keyed by their method cell (column 2 with a target column, 1 without)."""
+    return {row[column]: row for row in md_table(text)}
 
 
 def forgetting_runs(root: Path, failed_seed: int | None = None) -> None:
@@ -94,15 +110,15 @@ def test_table_cells_means_stds_stars_original_and_failures(tmp_path):
     out = tmp_path / "report"
     path = report(tmp_path, out=out)
     md = (out / "table2.md").read_text()
-    lines = {tuple(c.strip() for c in line.strip("|").split("|"))[2]: line for line in md.splitlines()[2:]}
+    lines = by_method(md)
+    assert md_table(md)[0] == ["backbone", "target", "method", "ropes", "webq", "Avg", "p (Avg)"]
     # ropes: 50, 52, 51 -> 51.00 ± 1.00; 55, 58, 56 -> 56.33 ± 1.53, p = 0.0039 -> *
-    assert "| 51.00 ± 1.00 |" in lines["LoRA"]
-    assert "| 56.33 ± 1.53* |" in lines["LoRA + IMSM"]
     # webq: 20, 30, 25 -> 25.00 ± 5.00; 30, 20, 40 -> 30.00 ± 10.00; differences 10, -10, 15: not significant
-    assert "| 25.00 ± 5.00 |" in lines["LoRA"] and "| 30.00 ± 10.00 |" in lines["LoRA + IMSM"]
-    assert "| 40.00 | 35.00 | 37.50 | - |" in lines["Original"]
+    assert lines["LoRA"][3:] == ["51.00 ± 1.00", "25.00 ± 5.00", "38.00", "-"]
+    assert lines["LoRA + IMSM"][3:5] == ["56.33 ± 1.53*", "30.00 ± 10.00"]
+    assert lines["Original"][3:] == ["40.00", "35.00", "37.50", "-"]  # one frozen model: no spread
     # a method whose every seed failed shows as failed in each cell, never as a gap or a zero
-    assert "| failed | failed | - | - |" in lines["AdaLoRA + IMSM"]
+    assert lines["AdaLoRA + IMSM"][3:] == ["failed", "failed", "-", "-"]
     report_md = path.read_text()
     assert "Failed runs:" in report_md and "ValueError: bad rank" in report_md
     assert "![forgetting](table2_forgetting.png)" in report_md
@@ -124,7 +140,7 @@ def test_table_cells_means_stds_stars_original_and_failures(tmp_path):
     tex = (out / "table2.tex").read_text()
     assert r"56.33 $\pm$ 1.53$^*$" in tex and r"\toprule" in tex
     forgetting = (out / "table2_forgetting.md").read_text()
-    assert "| 56.33 (+16.33) | 30.00 (-5.00) |" in forgetting  # score (change vs Original)
+    assert by_method(forgetting)["LoRA + IMSM"][3:] == ["56.33 (+16.33)", "30.00 (-5.00)"]  # score (change)
     assert (out / "table2_forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -157,7 +173,7 @@ def test_rerun_replaces_the_older_run_of_the_same_seed(tmp_path):
     os.utime(old, (1, 1))
     os.utime(new, (2, 2))
     report(tmp_path, out=tmp_path / "r")
-    assert "| 30.00 |" in (tmp_path / "r" / "table2.md").read_text()
+    assert by_method((tmp_path / "r" / "table2.md").read_text(), 1)["LoRA"][2] == "30.00"
 
 
 def test_table1_layout_one_row_per_method_across_targets(tmp_path):
@@ -176,7 +192,7 @@ def test_table1_layout_one_row_per_method_across_targets(tmp_path):
     assert table.columns == ["mrpc", "cola"] and not table.show_target and not table.forgetting
     assert len(table.rows) == 2  # Original, LoRA: each spans both targets (F1 for MRPC, MCC for CoLA)
     md = report(tmp_path, out=tmp_path / "r").read_text()
-    assert "| smollm2 | LoRA | 80.00 | 40.00 | 60.00 | - |" in md
+    assert ["smollm2", "LoRA", "80.00", "40.00", "60.00", "-"] in md_table(md)
     assert not (tmp_path / "r" / "table1_forgetting.png").exists()
 
 
@@ -202,7 +218,7 @@ def test_gate_rank_rows_and_plot(tmp_path):
 
 
 def test_speed_runs_make_the_tokens_per_second_table(tmp_path):
-    for seed, (imsm, vanilla) in ((1, (90.0, 100.0)), (2, (80.0, 100.0))):
+    for seed, (gated, vanilla) in ((1, (90.0, 100.0)), (2, (80.0, 100.0))):
         write_run(
             tmp_path,
             f"s{seed}",
@@ -211,7 +227,7 @@ def test_speed_runs_make_the_tokens_per_second_table(tmp_path):
             seed=seed,
             eval_dataset_names=[],
             setup={"speed": {"new_tokens": 8}},
-            speed={"tokens_per_s": {"imsm": imsm, "vanilla": vanilla}, "imsm/vanilla": imsm / vanilla},
+            speed={"tokens_per_s": {"imsm": gated, "vanilla": vanilla}, "imsm/vanilla": gated / vanilla},
         )
     write_run(
         tmp_path,
@@ -224,8 +240,8 @@ def test_speed_runs_make_the_tokens_per_second_table(tmp_path):
         setup={"speed": {"new_tokens": 8}},
     )
     md = report(tmp_path, out=tmp_path / "r").read_text()
-    assert "| smollm2 | LoRA | 100.0 ± 0.0 | 85.0 ± 7.1 | 0.850 ± 0.071 |" in md
-    assert "| smollm2 | IA3 | failed | failed | failed |" in md
+    assert ["smollm2", "LoRA", "100.0 ± 0.0", "85.0 ± 7.1", "0.850 ± 0.071"] in md_table(md)
+    assert ["smollm2", "IA3", "failed", "failed", "failed"] in md_table(md)
 
 
 def test_no_runs_or_unknown_table_is_a_clear_message(tmp_path, capsys):
@@ -239,7 +255,7 @@ def test_no_runs_or_unknown_table_is_a_clear_message(tmp_path, capsys):
     with pytest.raises(ReportError):
         report(tmp_path, table="table9")
     assert main([str(tmp_path), "--table", "table2"]) == 0
-    assert "| smollm2 | ropes | LoRA | 50.00 |" in capsys.readouterr().out
+    assert ["smollm2", "ropes", "LoRA", "50.00", "missing", "-", "-"] in md_table(capsys.readouterr().out)
 
 
 def test_an_ablation_with_the_fixed_gate_is_not_a_rank_sweep(tmp_path):
@@ -251,3 +267,132 @@ def test_an_ablation_with_the_fixed_gate_is_not_a_rank_sweep(tmp_path):
     table = (tmp_path / "report" / "table4.md").read_text()
     assert "(r=" not in table and not (tmp_path / "report" / "table4_rank.png").exists()
     assert "LoRA + IMSM w/o gate" in table and "LoRA + IMSM w/o query" in table
+
+
+def sweep_runs(
+    root: Path, key: str, values: tuple[str, ...], scores: dict[str, list[float]], **fields
+) -> None:
+    """A sweep of ``key`` over ``values`` x seeds 1, 2 (query-aware gate), each job's overrides in ``choices``."""
+    for value in values:
+        for seed, score in zip((1, 2), scores[value], strict=True):
+            write_run(
+                root,
+                f"{key}={value}_s{seed}",
+                gate="query_aware",
+                gate_rank=8,
+                seed=seed,
+                eval_dataset_names=[],
+                metrics={"f1": score},
+                choices={"peft": "lora", "gate": "query_aware", key: value, "seed": str(seed)},
+                **fields,
+            )
+
+
+def test_a_pooling_sweep_is_two_rows_never_one_merged_cell(tmp_path):
+    sweep_runs(tmp_path, "gate.pooling", ("mean", "max"), {"mean": [0.50, 0.52], "max": [0.60, 0.64]})
+    table = build_table("table2", load_runs(tmp_path))
+    assert table.choice_keys == ["gate.pooling"] and len(table.rows) == 2  # mean, max
+    md = report(tmp_path, out=tmp_path / "r").read_text()
+    rows = by_method(md, 1)  # one dataset per run: no target column
+    assert rows["LoRA + IMSM (gate.pooling=max)"][2] == "62.00 ± 2.83"
+    assert rows["LoRA + IMSM (gate.pooling=mean)"][2] == "51.00 ± 1.41"
+    assert "Rows also split by the swept gate.pooling." in md
+    tidy = list(csv.DictReader(io.StringIO((tmp_path / "r" / "table2.csv").read_text())))
+    assert {(r["gate.pooling"], r["values"]) for r in tidy if r["dataset"] == "ropes"} == {
+        ("mean", "[50.0, 52.0]"),
+        ("max", "[60.0, 64.0]"),
+    }
+
+
+def test_a_learning_rate_sweep_is_two_rows_and_dedupe_keeps_both(tmp_path):
+    """Same seeds, other learning rate: not a re-run of the same job, so neither replaces the other."""
+    key = "trainer.args.learning_rate"
+    sweep_runs(tmp_path, key, ("3e-4", "1e-4"), {"3e-4": [0.40, 0.42], "1e-4": [0.30, 0.30]})
+    md = report(tmp_path, out=tmp_path / "r").read_text()
+    rows = by_method(md, 1)
+    assert rows[f"LoRA + IMSM ({key}=1e-4)"][2] == "30.00 ± 0.00"
+    assert rows[f"LoRA + IMSM ({key}=3e-4)"][2] == "41.00 ± 1.41"
+    methods = [r[1] for r in md_table(md)[1:]]
+    assert methods.index(f"LoRA + IMSM ({key}=1e-4)") < methods.index(f"LoRA + IMSM ({key}=3e-4)")  # by value
+
+
+def test_rerun_with_the_same_choices_replaces_the_older_one(tmp_path):
+    choices = {"gate.pooling": "max", "seed": "1"}
+    old = write_run(tmp_path, "old", metrics={"f1": 0.1}, eval_dataset_names=[], choices=choices)
+    new = write_run(tmp_path, "new", metrics={"f1": 0.3}, eval_dataset_names=[], choices=choices)
+    other = write_run(
+        tmp_path, "mean", metrics={"f1": 0.5}, eval_dataset_names=[], choices={"gate.pooling": "mean"}
+    )
+    for i, path in enumerate((old, new, other)):
+        os.utime(path, (i + 1, i + 1))
+    rows = by_method(report(tmp_path, out=tmp_path / "r").read_text(), 1)
+    assert rows["LoRA (gate.pooling=max)"][2] == "30.00"  # one seed: the newer run, no spread
+    assert rows["LoRA (gate.pooling=mean)"][2] == "50.00"
+
+
+def test_gated_sweep_rows_are_tested_against_vanilla_runs_without_gate_choices(tmp_path):
+    """Vanilla runs set no ``gate.*`` key; each pooling row is still compared with them (paired over seeds)."""
+    sweep_runs(tmp_path, "gate.pooling", ("mean", "max"), {"mean": [0.55, 0.58], "max": [0.60, 0.61]})
+    for seed, score in ((1, 0.50), (2, 0.52)):
+        write_run(tmp_path, f"none_s{seed}", seed=seed, eval_dataset_names=[], metrics={"f1": score})
+    table = build_table("table2", load_runs(tmp_path))
+    mean_row = next(r for r in table.rows if ("gate.pooling", "mean") in r.choices)
+    assert table.control(mean_row) is not None and table.control(mean_row).gate == "none"
+    cell = table.cells[(mean_row, "ropes")]
+    assert cell.p_value == pytest.approx(paired_ttest({1: 55.0, 2: 58.0}, {1: 50.0, 2: 52.0}))
+
+
+def test_labels_come_from_the_config_files(tmp_path):
+    for peft in ("loramoe", "loramoe_nolbc", "my_own_method"):
+        write_run(tmp_path, peft, experiment="fig3", peft=peft, eval_dataset_names=[], metrics={"f1": 0.5})
+    methods = [r[1] for r in md_table(report(tmp_path, out=tmp_path / "r").read_text())[1:]]
+    assert methods == ["LoRAMoE", "LoRAMoE w/o LBC", "my_own_method"]  # an unknown name prints as itself
+    assert labels.peft_label("lora") == "LoRA" and labels.dataset_label("gsm8k") == "GSM8K"
+    assert labels.gate_suffix("query_aware") == " + IMSM" and labels.gate_suffix("none") == ""
+    assert labels.gate_suffix("my_gate") == " + gate my_gate"
+
+
+def test_every_peft_and_dataset_file_declares_its_label_and_headline():
+    for group in ("peft", "dataset"):
+        for path in sorted((imsm.CONF_DIR / group).glob("*.yaml")):
+            entry = labels.conf_entry(group, path.stem)
+            assert entry.get("label"), f"{path}: no label"
+            if group == "dataset":
+                assert isinstance(entry.get("headline"), list) and entry["headline"], (
+                    f"{path}: no headline list"
+                )
+
+
+@pytest.mark.parametrize(
+    ("dataset", "expected"),
+    [
+        ("cola", 30.0),  # MCC
+        ("mrpc", 20.0),  # F1
+        ("ropes", 20.0),  # F1
+        ("gsm8k", 10.0),  # accuracy
+        ("webq", 10.0),
+        ("unknown_set", 30.0),  # no file: the first of mcc, f1, accuracy, exact_match
+    ],
+)
+def test_headline_metric_per_dataset(dataset, expected):
+    metrics = {"accuracy": 0.1, "f1": 0.2, "mcc": 0.3, "exact_match": 0.4, "n": 10}
+    assert labels.headline_score(dataset, metrics) == pytest.approx(expected)
+
+
+def test_a_headline_metric_the_run_lacks_is_missing_not_another_metric():
+    assert labels.headline_score("cola", {"accuracy": 0.9, "n": 10}) is None
+
+
+def test_python_dash_m_still_runs(tmp_path):
+    import subprocess
+    import sys
+
+    write_run(tmp_path, "a", metrics={"f1": 0.5}, eval_dataset_names=[])
+    proc = subprocess.run(
+        [sys.executable, "-m", "imsm.report", str(tmp_path), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert ["smollm2", "LoRA", "50.00", "50.00", "-"] in md_table(proc.stdout)
