@@ -15,6 +15,7 @@ Three sources, chosen by ``backbone.source``:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -50,6 +51,19 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"backbone.dtype={name!r} is not one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def autocast_context(device: str | torch.device, precision: str | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``bf16`` / ``fp16`` on ``device``'s type; nothing for None or ``fp32``.
+
+    Used by generation (``eval.autocast``) and the benchmark's bf16 rows: matmuls in that precision over the
+    weights' own dtype. Anything else is an error naming the valid choices.
+    """
+    if precision in (None, "fp32"):
+        return contextlib.nullcontext()
+    if precision not in DTYPES:
+        raise ValueError(f"autocast={precision!r} is not one of [null, {', '.join(DTYPES)}]")
+    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[precision])
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -1,8 +1,9 @@
 """Side-by-side benchmark: IMSM vs vanilla PEFT (and vs the authors' naive decoder), ratios from one run.
 
-``python -m imsm.bench`` (``make bench``) on the embedded SmolLM2; ``--quick`` uses tiny_llama; ``--device cuda`` on
-a GPU. Contenders alternate inside every repeat (the machine is noisy), each number is a median over repeats with
-its spread (min-max), and the JSON lands in ``outputs/bench/``. What is measured:
+``make bench`` runs this module on the embedded SmolLM2; ``--quick`` uses tiny_llama; ``--device cuda``
+on a GPU. Models come from the run config (``backbone=... peft=lora gate=...``, built by ``imsm.model.build``), so
+the benchmark times what training builds. Contenders alternate inside every repeat (``imsm.timing``), each number
+is a median over repeats with its spread (min-max), and the JSON lands in ``outputs/bench/``. What is measured:
 
 1. training step time (forward + backward + AdamW step), LoRA, batch 8 x 128 tokens: IMSM (``query_aware``) vs
    vanilla (``gate=none``, same code), fp32 and bf16 autocast; beside them vanilla PEFT through transformers' own
@@ -12,6 +13,8 @@ its spread (min-max), and the JSON lands in ``outputs/bench/``. What is measured
    vanilla through the same decoder, and vanilla through ``model.generate``;
 3. peak memory of each (RSS of a fresh subprocess on CPU; ``torch.cuda.max_memory_allocated`` on GPU);
 4. IMSM vs the naive decoder (two model copies, no KV cache, full recomputation each step) at 256 new tokens.
+
+Measured numbers and what was tried: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -21,93 +24,75 @@ import copy
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
-from peft import LoraConfig, get_peft_model
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from imsm import CONF_DIR
-from imsm.backbones import load_backbone, load_tokenizer
-from imsm.model.gate import build_gate
-from imsm.model.siamese import IMSMModel, pool_query
+from imsm.backbones import autocast_context, load_tokenizer, resolve_dtype
+from imsm.model.build import build_model, wrap_backbone
+from imsm.model.siamese import IMSMModel
+from imsm.timing import alternate, decode_fn, peak_memory_mib, prompt_batch
 
 REPO = Path(__file__).resolve().parents[1]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LORA_B_STD = 0.02  # scale of the random LoRA B (see randomize_lora_b)
+
+
+def run_config(backbone: str, gate: str, device: str, dtype: str = "fp32") -> DictConfig:
+    """The training run's config for this backbone and gate, with LoRA (the paper's settings from conf/peft)."""
+    overrides = [
+        f"backbone={backbone}",
+        f"gate={gate}",
+        "peft=lora",
+        f"backbone.dtype={dtype}",
+        f"backbone.device={device}",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def randomize_lora_b(model: IMSMModel, seed: int, std: float = LORA_B_STD) -> None:
+    """Give every LoRA B matrix seeded normal values.
+
+    A fresh adapter has B = 0 (peft's default), so the tuned stream would equal the frozen one: the benchmark
+    would time an adapter that changes nothing, and the naive decoder's check against IMSM (same tokens) would
+    hold trivially. A non-zero B makes the two streams differ as they do after training. The values come from a
+    CPU generator, so they are the same on every device.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def build(
     backbone: str, gate: str, device: str, dtype: str = "fp32", seed: int = 0, random_init: str | None = None
 ) -> tuple[IMSMModel, Any]:
-    """Backbone + LoRA (paper settings, random non-zero B so the adapter matters) + gate.
+    """The run's model (backbone + LoRA + gate, ``imsm.model.build``) with a random non-zero LoRA B.
 
     ``random_init``: a model directory whose config (and tokenizer) are used with random weights: timing does not
     depend on the weights' values (EOS is ignored), and a config is a few KB where the weights are not.
     """
-    cfg = OmegaConf.load(CONF_DIR / "backbone" / f"{backbone}.yaml")
-    cfg.dtype = dtype
+    cfg = run_config(backbone, gate, device, dtype)
+    torch.manual_seed(seed)
     if random_init:
         tok = load_tokenizer(random_init)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(random_init), dtype=DTYPES[dtype])
-        model.to(device).eval()
+        config = AutoConfig.from_pretrained(random_init)
+        backbone_model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
+        model = wrap_backbone(backbone_model.to(device).eval(), cfg)
     else:
-        model, tok = load_backbone(cfg, device=device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    torch.manual_seed(seed)
-    lora = LoraConfig(
-        r=16,
-        lora_alpha=16,
-        lora_dropout=0.1,
-        target_modules=list(cfg.target_modules.lora),
-        init_lora_weights=False,
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, lora)
-    g = build_gate(gate, model.config.hidden_size, rank=8, dropout=0.1)
-    if g is not None:
-        g.to(device)
-    return IMSMModel(peft_model, g), tok
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], Any], device: str) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def alternate(
-    contenders: dict[str, Callable[[], Any]], repeats: int, device: str, warmup: int = 1
-) -> dict[str, dict]:
-    """Time each contender ``repeats`` times, interleaved (A B C A B C ...), after ``warmup`` untimed rounds."""
-    for _ in range(warmup):
-        for fn in contenders.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            times[name].append(timed(fn, device))
-    return {name: summary(v) for name, v in times.items()}
+        model, tok = build_model(cfg)
+    randomize_lora_b(model, seed)
+    return model, tok
 
 
 def train_batch(vocab: int, batch: int, seq: int, prompt: int, device: str) -> dict[str, torch.Tensor]:
@@ -127,13 +112,6 @@ def train_batch(vocab: int, batch: int, seq: int, prompt: int, device: str) -> d
     }
 
 
-def autocast_ctx(autocast: str, device: str) -> Callable[[], Any]:
-    """A factory of the step's autocast context: bf16 autocast or none (fp32)."""
-    if autocast == "bf16":
-        return lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
-    return nullcontext
-
-
 def train_step_fn(
     model: IMSMModel,
     batch: dict,
@@ -147,12 +125,11 @@ def train_step_fn(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ctx = autocast_ctx(autocast, device)
     compute = loss_fn or (lambda: model(**batch).loss)
 
     def step() -> None:
         model.train()
-        with ctx():
+        with autocast_context(device, autocast):
             loss = compute()
         loss.backward()
         opt.step()
@@ -177,30 +154,13 @@ def frozen_forward_fn(
 
     The callable returns its (batch, seq, d) last hidden states.
     """
-    ctx = autocast_ctx(autocast, device)
 
     def forward() -> torch.Tensor:
         model.train()
-        with ctx():
+        with autocast_context(device, autocast):
             return model.stream_hidden(batch["input_ids"], batch["attention_mask"], adapter=False)
 
     return forward
-
-
-def prompt_batch(tok: Any, batch: int, length: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    text = (
-        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. " * 8
-    )
-    ids = tok(text)["input_ids"][:length]
-    input_ids = torch.tensor([ids] * batch, device=device)
-    return input_ids, torch.ones_like(input_ids)
-
-
-def decode_fn(
-    model: IMSMModel, ids: torch.Tensor, mask: torch.Tensor, new: int, **kw: Any
-) -> Callable[[], Any]:
-    # eos_token_id=-1: never stops early, so every contender decodes exactly `new` tokens
-    return lambda: model.generate(ids, mask, max_new_tokens=new, eos_token_id=-1, pad_token_id=0, **kw)
 
 
 def hf_generate_fn(model: IMSMModel, ids: torch.Tensor, mask: torch.Tensor, new: int) -> Callable[[], Any]:
@@ -212,6 +172,13 @@ def hf_generate_fn(model: IMSMModel, ids: torch.Tensor, mask: torch.Tensor, new:
         do_sample=False,
         pad_token_id=0,
     )
+
+
+def query_mean(hidden: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` (batch, seq, d) over the prompt tokens (``query_mask`` 1), (batch, d): the paper's pooling,
+    written out as the authors' decoder computes it (the same arithmetic as IMSM's mean pooling)."""
+    mask = query_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 class NaiveSiamese:
@@ -230,7 +197,7 @@ class NaiveSiamese:
             query[:, :q_len] = 1
             tuned = m.peft_model(input_ids=seq, output_hidden_states=True, use_cache=False).hidden_states[-1]
             base = self.frozen(input_ids=seq, output_hidden_states=True, use_cache=False).hidden_states[-1]
-            h = m.mix(base[:, -1:], tuned[:, -1:], pool_query(base, query), pool_query(tuned, query))
+            h = m.mix(base[:, -1:], tuned[:, -1:], query_mean(base, query), query_mean(tuned, query))
             seq = torch.cat([seq, m.lm_head(h[:, -1]).argmax(-1, keepdim=True)], dim=1)
         return seq[:, q_len:]
 
@@ -240,7 +207,7 @@ def peak_memory(args: argparse.Namespace, contender: str, extra: list[str]) -> f
     cmd = [
         sys.executable,
         "-m",
-        "imsm.bench",
+        __spec__.name,  # this module, however it was started (python -m, the console script, an import)
         "--memory-probe",
         contender,
         "--backbone",
@@ -257,14 +224,8 @@ def peak_memory(args: argparse.Namespace, contender: str, extra: list[str]) -> f
 def memory_probe(args: argparse.Namespace) -> None:
     """Run one contender twice and print its peak memory in MiB (the child side of ``peak_memory``).
 
-    CPU: the process's peak RSS while the contender runs, sampled every millisecond (the peak of loading the
-    weights, which is the same for every contender, is excluded). GPU: ``torch.cuda.max_memory_allocated``.
+    The transient peak of loading the weights is outside the measured span (``imsm.timing.peak_memory_mib``).
     """
-    import gc
-    import threading
-
-    import psutil
-
     kind, gate = args.memory_probe.split(":")
     model, tok = build(args.backbone, gate, args.device, random_init=args.random_init)
     if kind == "train":
@@ -274,27 +235,7 @@ def memory_probe(args: argparse.Namespace) -> None:
         ids, mask = prompt_batch(tok, 1, 100, args.device)
         model.eval()
         fn = decode_fn(model, ids, mask, 128)
-    gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        fn()
-        print(torch.cuda.max_memory_allocated() / 2**20)
-        return
-    proc, peak, done = psutil.Process(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    fn()
-    fn()
-    done.set()
-    sampler.join()
-    print(peak[0] / 2**20)
+    print(peak_memory_mib(fn, args.device))
 
 
 def ratio(a: dict, b: dict) -> float:
@@ -346,8 +287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # 2. decoding tokens/s
     imsm.eval()
     for precision in args.decode_precisions:
-        dtype = DTYPES[precision]
-        imsm.to(dtype)
+        imsm.to(resolve_dtype(precision))
         for bsz in args.batches:
             ids, mask = prompt_batch(tok, bsz, args.prompt_len, dev)
             contenders = {

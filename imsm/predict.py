@@ -6,27 +6,17 @@ decoded, and returned in the original order with the per-example verdict.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from imsm.backbones import DTYPES
+from imsm.backbones import autocast_context
 from imsm.data.base import Example
 from imsm.data.collate import Truncation, encode_prompt, left_pad
 from imsm.metrics import score
 from imsm.model.siamese import IMSMModel
-
-
-def autocast_context(device: torch.device, precision: str | None) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``bf16`` / ``fp16``, nothing for None or ``fp32``; anything else is an error."""
-    if precision in (None, "fp32"):
-        return contextlib.nullcontext()
-    if precision not in DTYPES:
-        raise ValueError(f"autocast={precision!r} is not one of [null, {', '.join(DTYPES)}]")
-    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
 def generate_texts(

@@ -1,14 +1,25 @@
-"""The benchmark script: it runs end to end, and its naive decoder decodes what IMSM decodes."""
+"""The benchmark script, the speed job and their timing helpers.
+
+The benchmark runs end to end on the model training builds, its naive decoder decodes what IMSM decodes, and the
+speed job writes its metrics from the library entry point.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
-from conftest import make_imsm
+from conftest import REPO, make_imsm
+from helpers import compose_train
+from transformers import LlamaConfig
 
-from imsm import bench
+from imsm import bench, speed, timing
+from imsm.backbones import autocast_context, load_tokenizer, prepare_smollm2
 
 
 def test_naive_decoder_gives_the_same_tokens_as_imsm():
@@ -41,7 +52,20 @@ def test_training_references_time_what_they_say():
 
 
 def test_quick_benchmark_writes_every_ratio(tmp_path, capsys):
-    bench.main(["--quick", "--skip-memory", "--repeats", "1", "--batches", "1", "--out", str(tmp_path)])
+    bench.main(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--skip-memory",
+            "--repeats",
+            "1",
+            "--batches",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     (path,) = tmp_path.glob("bench_tiny_llama_cpu_*.json")
     ratios = json.loads(path.read_text())["ratios"]
     for precision in ("fp32", "bf16"):
@@ -58,3 +82,128 @@ def test_quick_benchmark_writes_every_ratio(tmp_path, capsys):
     assert ratios["speedup_imsm_vs_naive_64tok"] > 0
     out = capsys.readouterr().out
     assert "train_step_time_imsm/vanilla_fp32" in out and ("PASS" in out or "MISS" in out)
+
+
+def lora_b(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.peft_model.named_parameters() if "lora_B" in n}
+
+
+def test_bench_builds_the_training_runs_model_with_a_seeded_nonzero_lora_b():
+    cfg = bench.run_config("tiny_llama", "query_aware", "cpu")
+    model, tok = bench.build("tiny_llama", "query_aware", "cpu", seed=3)
+    lora = model.peft_model.peft_config["default"]
+    # LoRA, gate and target modules are the run config's (conf/peft/lora.yaml, conf/gate, conf/backbone), not a copy
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (
+        cfg.peft.config.r,
+        cfg.peft.config.lora_alpha,
+        0.1,
+    )
+    assert set(lora.target_modules) == set(cfg.backbone.target_modules.lora)
+    assert model.gate.kind == "query_aware" and model.gate.rank == cfg.gate.rank
+    b = lora_b(model)
+    assert b and all(v.abs().sum() > 0 for v in b.values())  # the adapter is not a no-op
+    again = lora_b(bench.build("tiny_llama", "query_aware", "cpu", seed=3)[0])
+    other = lora_b(bench.build("tiny_llama", "query_aware", "cpu", seed=4)[0])
+    assert all(torch.equal(b[n], again[n]) for n in b)  # seeded
+    assert not all(torch.equal(b[n], other[n]) for n in b)
+    ids = torch.tensor([tok("two streams differ")["input_ids"]])
+    mask = torch.ones_like(ids)
+    tuned = model.stream_hidden(ids, mask, adapter=True)
+    assert not torch.allclose(tuned, model.stream_hidden(ids, mask, adapter=False))
+    vanilla, _ = bench.build("tiny_llama", "none", "cpu", dtype="bf16")
+    assert vanilla.gate is None and next(vanilla.peft_model.parameters()).dtype == torch.bfloat16
+
+
+def test_random_init_takes_the_architecture_from_a_config_directory(tmp_path):
+    arch = LlamaConfig(
+        vocab_size=len(load_tokenizer(prepare_smollm2())),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    arch.save_pretrained(tmp_path)
+    load_tokenizer(prepare_smollm2()).save_pretrained(tmp_path)
+    model, tok = bench.build("smollm2", "query_aware", "cpu", random_init=str(tmp_path))
+    assert model.backbone.config.hidden_size == 48 and model.backbone.config.num_hidden_layers == 3
+    assert model.gate is not None and len(tok) == arch.vocab_size
+    assert lora_b(model) and all(v.abs().sum() > 0 for v in lora_b(model).values())
+
+
+def test_alternate_interleaves_contenders_after_warmup(monkeypatch):
+    calls: list[str] = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(clock)))
+    res = timing.alternate(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, "cpu", warmup=2
+    )
+    assert calls == ["a", "b"] * 5  # 2 untimed rounds, then A B A B A B
+    assert res["a"] == {
+        "median": 1.0,
+        "min": 1.0,
+        "max": 1.0,
+        "n": 3,
+    }  # each call: one tick of the fake clock
+    with pytest.raises(ValueError, match="repeats=0"):
+        timing.alternate({"a": lambda: None}, 0, "cpu")
+
+
+def test_decode_fn_ignores_eos_and_prompt_batch_repeats_one_prompt():
+    tok = load_tokenizer(prepare_smollm2())
+    ids, mask = timing.prompt_batch(tok, 3, 20, "cpu")
+    assert ids.shape == mask.shape == (3, 20) and bool(mask.all()) and torch.equal(ids[0], ids[2])
+    model = make_imsm("query_aware")
+    out = timing.decode_fn(model, ids % 97, mask, 7)()
+    assert out.shape == (3, 7)  # exactly `new` tokens whatever the model emits
+
+
+def test_autocast_context_is_nothing_for_fp32_and_autocast_for_half_precisions():
+    with autocast_context("cpu", None):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast_context(torch.device("cpu"), "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast_context("cpu", "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match=r"autocast='fp8' is not one of \[null, fp32, bf16, fp16\]"):
+        autocast_context("cpu", "fp8")
+
+
+def test_speed_job_writes_tokens_per_second(tmp_path):
+    cfg = compose_train(["backbone=tiny_llama", f"run_dir={tmp_path}", "speed={new_tokens: 4, repeats: 1}"])
+    cfg = speed.with_speed_defaults(cfg)
+    assert cfg.speed.batch_size == speed.DEFAULT_SPEED["batch_size"] and cfg.speed.new_tokens == 4
+    result = speed.speed_run(cfg, tmp_path, {"backbone": "tiny_llama"})
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["status"] == "ok" and written["backbone"] == "tiny_llama"
+    sp = written["speed"]
+    assert sp["new_tokens"] == 4 and sp["repeats"] == 1 and sp["seconds"]["imsm"]["n"] == 1
+    assert sp["imsm/vanilla"] == pytest.approx(sp["tokens_per_s"]["imsm"] / sp["tokens_per_s"]["vanilla"])
+    assert result["speed"] == sp
+    with pytest.raises(ValueError, match="gate='none' has no gate"):
+        speed.speed_run(
+            compose_train(["backbone=tiny_llama", "gate=none", "speed={repeats: 1}"]), tmp_path, {}
+        )
+
+
+def test_speed_entry_point_runs_one_job(tmp_path):
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "imsm.speed",
+        "backbone=tiny_llama",
+        f"run_dir={tmp_path}",
+        "speed={new_tokens: 2, repeats: 1}",
+    ]
+    subprocess.run(
+        [*cmd, f"hydra.run.dir={tmp_path / 'hydra'}"], check=True, cwd=REPO, env=env, capture_output=True
+    )
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    # the training job's record (its choices and setup) with the speed section
+    assert (
+        written["backbone"] == "tiny_llama" and written["peft"] == "lora" and written["gate"] == "query_aware"
+    )
+    assert written["setup"]["speed"] == {**speed.DEFAULT_SPEED, "new_tokens": 2, "repeats": 1}
+    assert written["speed"]["new_tokens"] == 2

@@ -52,3 +52,15 @@ def test_cuda_bf16_training_step_updates_only_adapter_and_gate():
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all("lora_" in n or n.startswith("gate.") for n in grads)
     assert model.gate.down.weight.dtype == torch.float32
+
+
+def test_cuda_timing_helpers_measure_device_work():
+    from imsm.backbones import autocast_context
+    from imsm.timing import peak_memory_mib, timed
+
+    x = torch.randn(2048, 2048, device="cuda")
+    assert timed(lambda: x @ x, "cuda") > 0
+    # 64 MiB allocated inside the measured span must show in the peak
+    assert peak_memory_mib(lambda: torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda"), "cuda") >= 64
+    with autocast_context(torch.device("cuda", 0), "bf16"):
+        assert (x @ x).dtype == torch.bfloat16

@@ -5,11 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import compose_train, tiny_overrides, write_gsm
 from omegaconf import OmegaConf
-from test_train import compose_train, gsm_dir, tiny_overrides  # noqa: F401  (gsm_dir is a fixture)
+from wandb_log import read_offline_run
 
 from imsm import tracking
 from imsm.train import train
+
+
+@pytest.fixture
+def gsm_dir(tmp_path: Path) -> Path:
+    return write_gsm(tmp_path / "data")
 
 
 @pytest.fixture
@@ -48,7 +54,7 @@ def test_only_the_main_process_logs(monkeypatch, tmp_path):
     assert tracking.start(compose_train(["logger=none"]), tmp_path) is None
 
 
-def test_offline_run_is_written_and_reads_back(tmp_path, gsm_dir, no_wandb_account):  # noqa: F811
+def test_offline_run_is_written_and_reads_back(tmp_path, gsm_dir, no_wandb_account):
     run_dir = tmp_path / "run"
     cfg = compose_train(
         [
@@ -63,7 +69,7 @@ def test_offline_run_is_written_and_reads_back(tmp_path, gsm_dir, no_wandb_accou
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1, list((run_dir / "wandb").iterdir())
 
-    logged = tracking.read_offline_run(run_dir / "wandb")
+    logged = read_offline_run(run_dir / "wandb")
     assert logged["run"] == {
         "name": "tiny_llama_lora_query_aware_r8_gsm8k_s7",
         "group": "smoke",
@@ -81,7 +87,7 @@ def test_offline_run_is_written_and_reads_back(tmp_path, gsm_dir, no_wandb_accou
     assert len(tables) == 1
 
 
-def test_logger_none_writes_no_wandb_directory(tmp_path, gsm_dir):  # noqa: F811
+def test_logger_none_writes_no_wandb_directory(tmp_path, gsm_dir):
     run_dir = tmp_path / "run"
     cfg = compose_train([*tiny_overrides(run_dir, gsm_dir), "trainer.args.max_steps=1"])
     assert OmegaConf.select(cfg, "logger.name") == "none"

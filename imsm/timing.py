@@ -1,0 +1,120 @@
+"""Timing helpers shared by the benchmark script and the speed job (Table 5).
+
+A noisy machine makes absolute times move between runs, so contenders are compared inside one process and
+interleaved inside every repeat (A B C A B C ...): a slow spell hits all of them. Each contender's number is the
+median over repeats, reported with its min-max spread. Decoding ignores EOS so every contender generates exactly
+the same number of tokens, which makes the timing independent of the weights' values.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from imsm.model.siamese import IMSMModel
+
+# a GSM8K-like sentence repeated: a fixed, realistic prompt that any tokenizer turns into enough tokens
+PROMPT_TEXT = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. " * 8
+)
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for queued CUDA kernels, so a timer measures the work and not its launch."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: str | torch.device) -> float:
+    """Wall-clock seconds of one call of ``fn`` (device work included)."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """``{"median", "min", "max", "n"}`` of one contender's repeats."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def alternate(
+    contenders: dict[str, Callable[[], Any]], repeats: int, device: str | torch.device, warmup: int = 1
+) -> dict[str, dict[str, float]]:
+    """Time each contender ``repeats`` times, interleaved (A B C A B C ...), after ``warmup`` untimed rounds.
+
+    Returns ``{name: summary(seconds)}``.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: need at least one timed repeat")
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            times[name].append(timed(fn, device))
+    return {name: summary(v) for name, v in times.items()}
+
+
+def prompt_batch(
+    tokenizer: Any, batch: int, length: int, device: str | torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same prompt of (at most) ``length`` tokens repeated ``batch`` times.
+
+    Returns ``input_ids`` and ``attention_mask``, both (batch, length), no padding.
+    """
+    ids = tokenizer(PROMPT_TEXT)["input_ids"][:length]
+    input_ids = torch.tensor([ids] * batch, device=device)
+    return input_ids, torch.ones_like(input_ids)
+
+
+def decode_fn(
+    model: IMSMModel, ids: torch.Tensor, mask: torch.Tensor, new: int, **kw: Any
+) -> Callable[[], torch.Tensor]:
+    """A callable that greedily decodes exactly ``new`` tokens after ``ids`` (batch, seq) with ``model.generate``.
+
+    ``kw`` goes to ``IMSMModel.generate`` (e.g. ``fuse_streams=False``).
+    """
+    # eos_token_id=-1: never stops early, so every contender decodes exactly `new` tokens
+    return lambda: model.generate(ids, mask, max_new_tokens=new, eos_token_id=-1, pad_token_id=0, **kw)
+
+
+def peak_memory_mib(fn: Callable[[], Any], device: str | torch.device, calls: int = 2) -> float:
+    """Peak memory (MiB) while ``fn`` runs ``calls`` times; run it in a fresh process so that earlier work is not
+    counted.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` since a reset. CPU: the process's peak RSS, sampled every
+    millisecond from a thread (what the process held before ``fn`` counts too, e.g. the weights).
+    """
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(calls):
+            fn()
+        return torch.cuda.max_memory_allocated() / 2**20
+    import psutil  # a dependency of accelerate; only the CPU path needs it
+
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        for _ in range(calls):
+            fn()
+    finally:
+        done.set()
+        sampler.join()
+    return peak[0] / 2**20
