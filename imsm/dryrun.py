@@ -165,7 +165,7 @@ def paper_table(overrides: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     dry_run(cfg)
 

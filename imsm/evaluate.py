@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedTokenizerBase
 
+from imsm import CONF_DIR
 from imsm.backbones import load_backbone
 from imsm.evaluation import EvalSettings, evaluate_datasets, results_table
 from imsm.model.build import load_model
@@ -57,7 +58,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     return results
 
 
-@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("imsm").setLevel(logging.INFO)
     evaluate(cfg)

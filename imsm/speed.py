@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
+from imsm import CONF_DIR
 from imsm.model.build import build_model
 from imsm.model.siamese import IMSMModel
 from imsm.record import RunRecord, write_record
@@ -90,7 +91,7 @@ def with_speed_defaults(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """``python -m imsm.speed backbone=... peft=... ['speed={new_tokens: 32}']``: one speed job.
 

@@ -27,7 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from imsm import tracking
+from imsm import CONF_DIR, tracking
 from imsm.data import load_split
 from imsm.data.collate import TokenizedDataset, TrainCollator
 from imsm.distributed import agree_run_dir, leave_zero3, strip_local_rank_arg, zero3_enabled
@@ -56,7 +56,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         return speed_run(cfg, resolve_run_dir(cfg), run_record(cfg).to_dict())
     wall_start = time.perf_counter()
-    evaluation = EvalSettings.from_train_config(cfg)  # every dataset, split and scorer checked before training
+    evaluation = EvalSettings.from_train_config(
+        cfg
+    )  # every dataset, split and scorer checked before training
     ds, world = cfg.dataset, int(os.environ.get("WORLD_SIZE", 1))
     train_examples = load_split(ds, cfg.data_dir, ds.train_split, cfg.max_train_samples)
     args = training_arguments(cfg, str(resolve_run_dir(cfg) / CHECKPOINTS), world_size=world)
@@ -242,7 +244,7 @@ def record_failure(cfg: DictConfig, error: BaseException, wall_seconds: float) -
     write_record(cfg.run_dir, record)
 
 
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     if not cfg.get("run_dir"):
         OmegaConf.update(cfg, "run_dir", HydraConfig.get().runtime.output_dir, force_add=True)
@@ -255,7 +257,9 @@ def hydra_main(cfg: DictConfig) -> None:
             record_failure(cfg, e, time.perf_counter() - start)
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise
-        log.error("job failed (the sweep goes on; metrics.json has status failed): %s: %s", type(e).__name__, e)
+        log.error(
+            "job failed (the sweep goes on; metrics.json has status failed): %s: %s", type(e).__name__, e
+        )
 
 
 def main() -> None:
