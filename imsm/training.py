@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DeepSpeedSchedulerWrapper
 from omegaconf import DictConfig, OmegaConf
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import SCHEDULER_NAME
@@ -126,6 +125,9 @@ class IMSMTrainer(Trainer):
         if not self.is_deepspeed_enabled:
             super()._save_optimizer_and_scheduler(output_dir)
             return
+        # accelerate defines this class only when deepspeed is installed (the `deepspeed` extra)
+        from accelerate.utils import DeepSpeedSchedulerWrapper
+
         # DeepSpeed's checkpoint without the frozen backbone (Trainer leaves it out only for a bare PeftModel)
         with resilience.trainable_module_states(self.model_wrapped):
             self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
@@ -178,13 +180,16 @@ class IMSMTrainer(Trainer):
 
 
 def training_arguments(cfg: DictConfig, output_dir: str, world_size: int = 1) -> TrainingArguments:
-    """``TrainingArguments`` from ``cfg.trainer.args`` plus the method's recipe (``cfg.peft.optimizer``).
+    """``TrainingArguments`` from ``cfg.trainer.args`` over the method's recipe (``cfg.peft.optimizer``).
 
-    ``trainer.effective_batch_size`` (default: the method's paper batch) sets the gradient accumulation so
-    ``per_device_train_batch_size * accumulation * world_size`` reaches it.
+    The recipe is the default and an explicit ``trainer.args.*`` value wins: conf/trainer/default.yaml's ``optim``,
+    ``learning_rate``, ``weight_decay``, ``lr_scheduler_type`` and ``warmup_steps`` interpolate the method's values,
+    so ``trainer.args.learning_rate=1e-4`` replaces them; recipe keys the trainer does not name pass through.
+    ``trainer.effective_batch_size`` (default: the method's paper batch, ``peft.batch_size``) sets the gradient
+    accumulation so ``per_device_train_batch_size * accumulation * world_size`` reaches it.
     """
-    args: dict[str, Any] = OmegaConf.to_container(cfg.trainer.args, resolve=True)  # type: ignore[assignment]
-    args.update(OmegaConf.to_container(cfg.peft.optimizer, resolve=True))  # type: ignore[arg-type]
+    args: dict[str, Any] = dict(OmegaConf.to_container(cfg.peft.optimizer, resolve=True))  # type: ignore[arg-type]
+    args.update(OmegaConf.to_container(cfg.trainer.args, resolve=True))  # type: ignore[arg-type]
     per_device = int(args.get("per_device_train_batch_size", 8))
     effective = cfg.trainer.get("effective_batch_size")
     if effective:

@@ -51,7 +51,7 @@ rm -rf "$DOCS/results-cpu" && mkdir -p "$DOCS/results-cpu" && cp "$root"/report/
   echo "- Machine: $(nproc) CPU cores ($(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)), no GPU;"
   echo "  torch $("$PY" -c 'import torch; print(torch.__version__)'), transformers $("$PY" -c 'import transformers; print(transformers.__version__)'), peft $("$PY" -c 'import peft; print(peft.__version__)')."
   echo "- Wall time: $total s ($((total / 60)) min) for the $(find "$root" -maxdepth 3 -name metrics.json -path '*_s*' | wc -l) training jobs and their evaluations (the stages below)."
-  echo "- Settings: conf/experiment/replicate_cpu_mrpc.yaml, replicate_cpu_cola.yaml and"
+  echo "- Settings: imsm/conf/experiment/replicate_cpu_mrpc.yaml, replicate_cpu_cola.yaml and"
   echo "  replicate_cpu_cola_ablation.yaml (each job's resolved config: \`.hydra/config.yaml\` in its run directory)."
   echo
   echo "| stage | command (plus \`hydra.sweep.dir\`, \`eval.original_cache\`) | seconds |"
