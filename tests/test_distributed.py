@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, make_imsm
-from hydra import compose, initialize_config_dir
+from conftest import make_imsm
+from helpers import compose_train
 from multiproc import (
     launch_env,
     max_difference,
@@ -33,14 +33,8 @@ from multiproc import (
 
 from imsm import distributed
 
-CONF = str(REPO / "imsm" / "conf")
 DETERMINISTIC = {"peft.config.lora_dropout": 0, "gate.dropout": 0, "trainer.args.bf16": "false"}
 TOLERANCE = 1e-5  # gloo sums in another order than one process: float rounding, nothing more
-
-
-def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 from conftest import REPO
-from hydra import compose, initialize_config_dir
+from helpers import compose_train
 
 from imsm.dryrun import dry_run
 
@@ -131,11 +131,6 @@ def test_hand_arithmetic_spot_checks():
     assert backbone_params("chatglm3") == 6_243_584_000  # chatglm3-6b
 
 
-def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "imsm" / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
-
-
 @pytest.fixture
 def no_downloads(monkeypatch):
     """A dry run must not load a backbone or tokenizer, nor touch the network."""
@@ -188,11 +183,10 @@ def test_multirun_cli_prints_one_table_fast_and_offline(tmp_path):
         [
             sys.executable,
             "-m",
-            "imsm.train",
+            "imsm.dryrun",
             "-m",
             "backbone=llama2,chatglm3",
             "peft=lora,ia3",
-            "dry_run=true",
             f"hydra.sweep.dir={tmp_path}/sweep",
         ],
         cwd=REPO,

@@ -1,4 +1,4 @@
-"""LoRAMoE (imsm/model/loramoe.py): faithful to the official layer and loss, alone and under IMSM.
+"""LoRAMoE (imsm/model/loramoe/): faithful to the official layer and loss, alone and under IMSM.
 
 Exact checks on a tiny Llama: one expert is LoRA, zero experts' B is the base model, the off switch is the base
 model, the balancing constraint against hand-computed values, gradients equal with and without (non-reentrant)
@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import REPO, tiny_llama
 from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
@@ -25,6 +26,7 @@ from imsm.data import DataError, load_split
 from imsm.data.base import Example
 from imsm.data.collate import TrainCollator, encode_example
 from imsm.dryrun import dry_run
+from imsm.model.adapters import AdapterModel, adapter_kind, peft_type_of, saved_peft_type
 from imsm.model.build import build_model, build_peft_config, load_model
 from imsm.model.gate import build_gate
 from imsm.model.loramoe import (
@@ -32,6 +34,7 @@ from imsm.model.loramoe import (
     LoRAMoELinear,
     LoRAMoEModel,
     cv_squared,
+    is_loramoe_adapter,
     localized_balance,
     routing_importance,
 )
@@ -331,6 +334,30 @@ def test_trainable_count_and_checks_under_imsm():
     assert not model.can_fuse_streams()  # no per-row adapter selection: two separate streams
 
 
+def test_package_is_laid_out_like_a_peft_tuner_and_keeps_its_names():
+    import imsm.model.loramoe as package
+    from imsm.model.loramoe import config, layer, model
+
+    assert get_class("imsm.model.loramoe.LoRAMoEConfig") is config.LoRAMoEConfig  # conf/peft/loramoe*.yaml
+    assert package.LoRAMoELinear is layer.LoRAMoELinear and package.LoRAMoEModel is model.LoRAMoEModel
+    assert all(hasattr(package, name) for name in package.__all__)
+
+
+def test_saved_adapter_loads_through_the_adapter_registry(tmp_path):
+    wrapped = loramoe()
+    randomise_experts(wrapped)
+    assert isinstance(wrapped, AdapterModel)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    assert saved_peft_type(tmp_path / "adapter") == "LORAMOE" and is_loramoe_adapter(tmp_path / "adapter")
+    loaded = adapter_kind("LORAMOE").load(tiny_llama(seed=0), tmp_path / "adapter")
+    assert isinstance(loaded, LoRAMoEModel) and not any(p.requires_grad for p in loaded.parameters())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, wrapped(input_ids=ids).logits)
+    fresh = adapter_kind(peft_type_of(LoRAMoEConfig())).attach(tiny_llama(seed=0), LoRAMoEConfig())
+    assert isinstance(fresh, LoRAMoEModel) and fresh.adapter_parameters()
+
+
 def test_the_frozen_stream_records_no_routing():
     model = IMSMModel(loramoe(), build_gate("query_aware", 32, rank=4)).eval()
     b = batch_with_padding()
@@ -468,16 +495,16 @@ def test_method_files_carry_the_recipe_and_both_constraint_settings(tmp_path):
     assert (official.lbc_weight, official.lbc_delta, official.num_experts) == (0.0, 0.0, 6)
 
 
-@pytest.mark.parametrize(("experiment", "backbone"), [("fig3", "llama2"), ("fig3_cpu", "smollm2")])
-def test_figure3_experiments_compose(experiment, backbone):
+@pytest.mark.parametrize(("scale", "backbone"), [([], "llama2"), (["scale=cpu"], "smollm2")])
+def test_figure3_experiments_compose(scale, backbone):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", [f"experiment={experiment}"], return_hydra_config=True)
-    assert cfg.backbone.name == backbone and cfg.experiment_name == experiment
+        cfg = compose("train", ["experiment=fig3", *scale], return_hydra_config=True)
+    assert cfg.backbone.name == backbone and cfg.hydra.runtime.choices.experiment == "fig3"
     assert list(cfg.eval_datasets) == ["webq", "freebaseqa", "multirc", "mrpc"]
     params = cfg.hydra.sweeper.params
     assert (params.dataset, params.peft, params.gate) == ("ropes,gsm8k", "lora,loramoe", "none,query_aware")
     # Llama2-7B with LoRAMoE's E input copies per routed linear needs recomputation on one GPU; 135M does not
-    assert cfg.trainer.args.activation_checkpointing == (experiment == "fig3")
+    assert cfg.trainer.args.activation_checkpointing == (not scale)
 
 
 def test_loramoe_trains_under_imsm_with_activation_checkpointing(tmp_path, gsm_dir):

@@ -30,7 +30,7 @@ from imsm.model.adalora import (
     orthogonal_regularisation,
     training_steps,
 )
-from imsm.model.build import build_model, build_peft_config, load_model, save_model
+from imsm.model.build import backbone_targets, build_model, build_peft_config, load_model, save_model
 from imsm.training import IMSMTrainer, training_arguments
 
 torch.set_grad_enabled(True)
@@ -121,7 +121,15 @@ def test_method_trains_saves_and_reloads_identically(tmp_path, gsm_dir, monkeypa
     with torch.no_grad():
         before = model(**batch, return_logits=True).logits
         after = reloaded(**batch, return_logits=True).logits
-    assert torch.equal(before, after)
+    if (
+        method == "adalora"
+        and json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
+    ):
+        # Pruned ranks are zero rows of lora_E in the trained model but absent from the saved one: the same function,
+        # with a shorter inner dimension in its matmuls, so fp32 sums may round differently (seen: 2.4e-7).
+        torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(before, after)
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == {"lora": "LORA", "dora": "LORA", "adalora": "ADALORA", "ia3": "IA3"}[method]
     assert saved.get("use_dora", False) == (method == "dora")
@@ -180,6 +188,42 @@ def test_ia3_feedforward_lists_come_from_the_backbone_and_can_be_empty(backbone,
     config = build_peft_config(cfg.peft, cfg.backbone)
     assert set(config.target_modules) == expected
     assert set(config.feedforward_modules) == ({"down_proj"} if backbone == "tiny_llama" else set())
+
+
+# The paper's per-method target-module tables, as each backbone resolves them (the Llama3 table is written once, in
+# conf/targets/llama.yaml, and included by every Llama-style backbone; llama2 changes LoRA's and AdaLoRA's rows).
+QV, LLAMA3_IA3 = ["q_proj", "v_proj"], ["k_proj", "v_proj", "down_proj"]
+LLAMA3 = {"lora": QV, "adalora": QV, "ia3": LLAMA3_IA3, "ia3_feedforward": ["down_proj"], "dora": QV}
+FFN_LORA = ["gate_proj", "down_proj", "up_proj"]
+BACKBONE_TARGETS = {
+    "chatglm3": {
+        "lora": ["query_key_value"],
+        "adalora": ["query_key_value"],
+        "ia3": ["query_key_value", "mlp.dense_4h_to_h"],
+        "ia3_feedforward": ["mlp.dense_4h_to_h"],
+        "dora": ["query_key_value"],
+    },
+    "llama2": {**LLAMA3, "lora": FFN_LORA, "adalora": FFN_LORA},
+    "llama3": LLAMA3,
+    "llama3_1": LLAMA3,
+    "qwen1_5": {"lora": ["q_proj"], "adalora": ["q_proj"], "ia3": QV, "ia3_feedforward": [], "dora": QV},
+    "smollm2": LLAMA3,
+    "tiny_llama": LLAMA3,
+    "tiny_qwen": LLAMA3,
+}
+
+
+def test_every_backbone_file_has_a_pinned_target_module_table():
+    assert set(BACKBONE_TARGETS) == {p.stem for p in (REPO / "imsm" / "conf" / "backbone").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONE_TARGETS))
+def test_backbone_target_module_tables_resolve_to_the_papers(backbone):
+    cfg = compose_train([f"backbone={backbone}"])
+    assert OmegaConf.to_container(cfg.backbone.target_modules, resolve=True) == BACKBONE_TARGETS[backbone]
+    for method in ("lora", "adalora", "ia3", "dora"):
+        peft = compose_train([f"backbone={backbone}", f"peft={method}"]).peft
+        assert backbone_targets(peft, cfg.backbone, "target_modules") == BACKBONE_TARGETS[backbone][method]
 
 
 # --- AdaLoRA, done fully ---------------------------------------------------------------------------------
@@ -279,14 +323,18 @@ def test_adalora_rank_budget_shrinks_to_the_target_during_training(tmp_path, gsm
     pattern = model.peft_model.peft_config["default"].rank_pattern
     assert sum(sum(v) for v in pattern.values()) == 8 * n_modules
 
-    # the pruned adapter saves at its new ranks and reloads to identical logits
+    # the pruned adapter saves at its new ranks and reloads to the same logits (up to fp32 summation order: the
+    # pruned ranks are zeros in memory and absent after reload, so the matmuls' inner dimension differs)
     save_model(model, tmp_path / "r", cfg)
     model.eval()
     reloaded, tokenizer = load_model(tmp_path / "r", device="cpu")
     batch = probe_batch(cfg, gsm_dir, tokenizer)
     with torch.no_grad():
-        assert torch.equal(
-            model(**batch, return_logits=True).logits, reloaded(**batch, return_logits=True).logits
+        torch.testing.assert_close(
+            reloaded(**batch, return_logits=True).logits,
+            model(**batch, return_logits=True).logits,
+            rtol=0,
+            atol=1e-5,
         )
     ranks = {n: p.shape[0] for n, p in reloaded.peft_model.named_parameters() if ".lora_E." in n}
     assert sum(ranks.values()) == 8 * n_modules

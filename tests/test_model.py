@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_imsm
+from helpers import CONF, compose_train
+from hydra.utils import get_method
+from omegaconf import OmegaConf
+from peft import PeftModel
 
+import imsm.model
+from imsm.backbones import load_backbone
+from imsm.constants import IGNORE_INDEX
 from imsm.data.collate import left_pad
-from imsm.model.gate import FixedGate, LowRankGate, build_gate
+from imsm.model.adapters import PEFT, AdapterModel, adapter_kind, peft_type_of, saved_peft_type
+from imsm.model.build import build_model, load_model
+from imsm.model.decoding import greedy_generate
+from imsm.model.fusion import can_fuse_streams
+from imsm.model.gate import (
+    GATE_ARGUMENTS,
+    GATE_BUILDERS,
+    GATE_TYPES,
+    FixedGate,
+    LowRankGate,
+    build_gate,
+    gate_from_config,
+)
+from imsm.model.loramoe import LoRAMoEModel
 from imsm.model.siamese import IMSMModel, pool_query
 
 torch.set_grad_enabled(True)
@@ -253,3 +279,161 @@ def test_dora_is_not_fused():
         ),
     )
     assert not model.can_fuse_streams()
+
+
+# --- gates by _target_ (conf/gate/*.yaml) ------------------------------------------------------------------------
+
+GATE_FILES = sorted(p.stem for p in (Path(CONF) / "gate").glob("*.yaml"))
+
+
+def test_every_gate_type_has_a_file_and_a_builder():
+    assert sorted(GATE_TYPES) == GATE_FILES
+    assert sorted(GATE_BUILDERS) == sorted(t for t in GATE_TYPES if t != "none")
+
+
+@pytest.mark.parametrize("gate", GATE_FILES)
+def test_gate_file_names_its_builder_with_only_its_own_arguments(gate):
+    node = compose_train([f"gate={gate}"]).gate
+    assert node.type == gate and isinstance(node.label, str)
+    built = gate_from_config(node, 16)
+    if gate == "none":
+        assert node.module is None and built is None
+        return
+    module = OmegaConf.to_container(node.module, resolve=True)
+    target = module.pop("_target_")
+    assert get_method(target) is GATE_BUILDERS[gate]
+    assert sorted(module) == sorted(GATE_ARGUMENTS[gate])  # no other gate's keys
+    assert built.kind == gate and isinstance(built, (LowRankGate, FixedGate))
+    assert isinstance(built.needs_query, bool)
+
+
+@pytest.mark.parametrize("gate", GATE_FILES)
+def test_swept_gate_keys_override_under_every_gate(gate):
+    """A sweep crossing ``gate=...`` with ``gate.rank`` / ``gate.lr`` / ``gate.pooling`` composes for every gate,
+    and the run-dir name's ``${gate.type}`` resolves."""
+    cfg = compose_train([f"gate={gate}", "gate.rank=16", "gate.lr=0.01", "gate.pooling=max"])
+    assert (cfg.gate.get("rank"), cfg.gate.get("lr"), cfg.gate.pooling, cfg.gate.type) == (
+        16,
+        0.01,
+        "max",
+        gate,
+    )
+    built = gate_from_config(cfg.gate, 16)
+    if gate in ("query_aware", "no_query"):
+        assert built.rank == 16 and built.up.weight.shape == (16, 16)
+
+
+def test_gate_arguments_reach_the_module():
+    qa = gate_from_config(compose_train(["gate=query_aware", "gate.dropout=0", "gate.rank=3"]).gate, 8)
+    assert qa.dropout.p == 0.0 and qa.down.weight.shape == (3, 32)
+    fixed = gate_from_config(compose_train(["gate=fixed", "gate.value=0.25"]).gate, 8)
+    assert fixed.value == 0.25
+
+
+def test_gate_config_errors_and_old_flat_configs():
+    with pytest.raises(ValueError, match="has no gate.module"):
+        gate_from_config(OmegaConf.create({"type": "query_aware", "module": None}), 8)
+    wrong = {"type": "fixed", "module": {"_target_": "imsm.model.gate.query_aware_gate", "rank": 2}}
+    with pytest.raises(ValueError, match="builds a 'query_aware' gate but gate.type='fixed'"):
+        gate_from_config(OmegaConf.create(wrong), 8)
+    # a config written before gates named their _target_ (every key, no module) still builds its gate
+    flat = {"type": "no_query", "rank": 2, "dropout": 0.0, "lr": None, "pooling": "mean", "value": 0.5}
+    g = gate_from_config(OmegaConf.create(flat), 8)
+    assert g.kind == "no_query" and g.down.weight.shape == (2, 16) and g.dropout.p == 0.0
+    assert gate_from_config(OmegaConf.create({**flat, "type": "none"}), 8) is None
+
+
+def test_build_gate_passes_each_builder_only_its_arguments():
+    fixed = build_gate("fixed", 16, rank=4, dropout=0.3, value=0.2)  # rank / dropout are not the fixed gate's
+    assert isinstance(fixed, FixedGate) and fixed.value == 0.2 and not list(fixed.parameters())
+
+
+# --- layout: decoding, fusion, adapters, save / load on the class --------------------------------------------------
+
+
+def test_model_modules_do_not_import_the_data_layer_and_siamese_loads_no_decoder():
+    model_dir = Path(imsm.model.__file__).parent
+    for path in model_dir.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            assert not any(n == "imsm.data" or n.startswith("imsm.data.") for n in names), path
+    code = "import sys, imsm.model.siamese as s; assert 'imsm.model.decoding' not in sys.modules; print(s.IGNORE_INDEX)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(IGNORE_INDEX) == "-100"
+    # the decoder imported first must not hit a cycle either
+    subprocess.run([sys.executable, "-c", "import imsm.model.decoding"], check=True)
+
+
+def test_generate_delegates_to_the_decoder():
+    model = make_imsm("query_aware")
+    ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], 0)
+    kwargs = {"max_new_tokens": 5, "eos_token_id": 96, "pad_token_id": 0}
+    assert torch.equal(model.generate(ids, mask, **kwargs), greedy_generate(model, ids, mask, **kwargs))
+    with pytest.raises(ValueError, match="streams='both' is not one of"):
+        model.generate(ids, mask, streams="both", **kwargs)
+
+
+def test_fusion_functions_match_the_model_methods():
+    model = make_imsm("query_aware")
+    assert can_fuse_streams(model.peft_model, model.family) is model.can_fuse_streams() is True
+
+
+def test_adapter_kinds_by_peft_type(tmp_path):
+    assert adapter_kind("LORA") is PEFT and adapter_kind(None) is PEFT
+    assert adapter_kind("LORAMOE").load == LoRAMoEModel.from_pretrained
+    model = make_imsm("none")
+    assert isinstance(model.peft_model, AdapterModel.__mro__[0]) or hasattr(
+        model.peft_model, "disable_adapter"
+    )
+    assert peft_type_of(model.peft_model.peft_config["default"]) == "LORA"
+    assert saved_peft_type(tmp_path) is None
+    model.peft_model.save_pretrained(tmp_path / "a")
+    assert saved_peft_type(tmp_path / "a") == "LORA"
+
+
+def test_save_and_load_are_methods_of_the_class_and_keep_the_run_format(tmp_path):
+    assert "save_pretrained" in vars(IMSMModel) and "from_pretrained" in vars(IMSMModel)
+    cfg = compose_train(["backbone=tiny_llama", "gate=query_aware", "gate.rank=4"])
+    model, _ = build_model(cfg)
+    model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)  # LoRA B starts at zero: make the adapter matter
+    run = tmp_path / "run"
+    model.save_pretrained(run, cfg)
+    assert sorted(p.name for p in run.iterdir()) == [
+        "adapter",
+        "config.yaml",
+        "gate.json",
+        "gate.safetensors",
+    ]
+    assert json.loads((run / "gate.json").read_text()) == {
+        "type": "query_aware",
+        "pooling": "mean",
+        "rank": 4,
+        "value": None,
+        "dropout": 0.1,
+    }
+    # an old run: its config.yaml has the flat gate node (every gate key, no module); it must still load
+    old = OmegaConf.load(run / "config.yaml")
+    old.gate = {"type": "query_aware", "rank": 4, "dropout": 0.1, "lr": 1e-3, "pooling": "mean", "value": 0.5}
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(old))
+    reloaded, _ = IMSMModel.from_pretrained(run, device="cpu")
+    via_alias, _ = load_model(run, device="cpu")
+    ids, mask, query, _ = batch()
+    with torch.no_grad():
+        expected = model(ids, mask, query, return_logits=True).logits
+        assert torch.allclose(reloaded(ids, mask, query, return_logits=True).logits, expected, atol=1e-6)
+        assert torch.allclose(via_alias(ids, mask, query, return_logits=True).logits, expected, atol=1e-6)
+    assert not reloaded.training and reloaded.gate.kind == "query_aware"
+    plain = PeftModel.from_pretrained(load_backbone(old.backbone, device="cpu")[0], run / "adapter")
+    assert plain.peft_config["default"].peft_type.value == "LORA"
+    with pytest.raises(FileNotFoundError, match="config.yaml is missing"):
+        IMSMModel.from_pretrained(tmp_path / "empty")

@@ -16,14 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
-from hydra import compose, initialize_config_dir
+from helpers import compose_train
 from multiproc import run_command, tiny_overrides, train_cmd, trained_weights, write_gsm8k
 
 from imsm import resilience
 from imsm.io import write_json
 
-CONF = str(REPO / "imsm" / "conf")
 # 12 examples, micro-batch 2, accumulation 2: 3 optimizer steps per epoch; 6 steps = 2 epochs; dropout stays on
 RESUME_RUN = {
     "max_train_samples": 12,
@@ -48,11 +46,6 @@ training.IMSMTrainer._save_rng_state = save_rng_state
 sys.argv = ["imsm/train.py", *sys.argv[1:]]
 runpy.run_module("imsm.train", run_name="__main__", alter_sys=True)  # exactly `python -m imsm.train ...`
 """
-
-
-def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 @pytest.fixture(scope="module")

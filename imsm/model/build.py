@@ -1,14 +1,11 @@
-"""Build an ``IMSMModel`` from the run config, save it into a run directory, and load it back.
+"""Build an ``IMSMModel`` from the run config: backbone, the ``peft`` node's adapter, the ``gate`` node's gate.
 
-A run directory holds ``adapter/`` (peft ``save_pretrained``: loadable by plain ``PeftModel.from_pretrained``;
-LoRAMoE, not a peft method, writes the same two files with ``peft_type: LORAMOE``, see ``imsm.model.loramoe``),
-``gate.safetensors`` + ``gate.json`` (never pickle) and ``config.yaml`` (the resolved run config, which says how to
-rebuild the backbone).
+Saving and loading a run are ``IMSMModel.save_pretrained`` / ``IMSMModel.from_pretrained`` (the format is in
+``imsm.model.checkpoint``); ``save_model`` / ``load_model`` here are the same functions under their older names.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,24 +13,32 @@ from typing import Any
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
-from peft import AdaLoraConfig, PeftConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from peft import AdaLoraConfig, PeftConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from imsm.backbones import load_backbone
-from imsm.io import write_json, write_text_atomic
 from imsm.model.adalora import adalora_schedule, freeze_ranknum
+from imsm.model.adapters import AdapterModel, adapter_kind, peft_type_of
+from imsm.model.checkpoint import ADAPTER_DIR, GATE_CONFIG, GATE_WEIGHTS, RUN_CONFIG
 from imsm.model.families import prepare_backbone
-from imsm.model.gate import build_gate
-from imsm.model.loramoe import LoRAMoEConfig, LoRAMoEModel, is_loramoe_adapter
+from imsm.model.gate import gate_from_config
+from imsm.model.loramoe import LoRAMoEConfig
 from imsm.model.siamese import IMSMModel
 
 log = logging.getLogger(__name__)
 
-GATE_WEIGHTS = "gate.safetensors"
-GATE_CONFIG = "gate.json"
-ADAPTER_DIR = "adapter"
-RUN_CONFIG = "config.yaml"
+__all__ = [
+    "ADAPTER_DIR",
+    "GATE_CONFIG",
+    "GATE_WEIGHTS",
+    "RUN_CONFIG",
+    "attach_adapter",
+    "build_model",
+    "build_peft_config",
+    "load_model",
+    "save_model",
+    "wrap_backbone",
+]
 
 
 def backbone_targets(peft_cfg: DictConfig, backbone_cfg: DictConfig, field: str) -> list[str] | None:
@@ -101,15 +106,13 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
-def attach_adapter(backbone: PreTrainedModel, config: PeftConfig | LoRAMoEConfig) -> PeftModel | LoRAMoEModel:
-    """``get_peft_model`` with an error listing the model's linear modules when a target does not exist.
-
-    LoRAMoE is not a peft method: its layers are injected by ``imsm.model.loramoe`` behind the same interface.
+def attach_adapter(backbone: PreTrainedModel, config: PeftConfig | LoRAMoEConfig) -> AdapterModel:
+    """The adapter kind of ``config.peft_type`` attached to ``backbone`` (``imsm.model.adapters.ADAPTER_KINDS``:
+    peft's ``get_peft_model``, or LoRAMoE's injection), with an error listing the model's linear modules when a
+    target does not exist.
     """
     try:
-        if isinstance(config, LoRAMoEConfig):
-            return LoRAMoEModel(backbone, config)
-        return get_peft_model(backbone, config)
+        return adapter_kind(peft_type_of(config)).attach(backbone, config)
     except ValueError as e:
         if "not found in the base model" in str(e) or "Target modules" in str(e):
             raise ValueError(
@@ -128,16 +131,10 @@ def wrap_backbone(backbone: PreTrainedModel, cfg: DictConfig, total_steps: int |
         p.requires_grad_(False)
     peft_model = attach_adapter(backbone, build_peft_config(cfg.peft, cfg.backbone, total_steps))
     freeze_ranknum(peft_model)
-    gate = build_gate(
-        cfg.gate.type,
-        backbone.config.hidden_size,
-        rank=cfg.gate.rank,
-        dropout=cfg.gate.dropout,
-        value=cfg.gate.value,
-    )
+    gate = gate_from_config(cfg.gate, backbone.config.hidden_size)
     if gate is not None:
         gate.to(device=next(backbone.parameters()).device, dtype=torch.float32)
-    model = IMSMModel(peft_model, gate, pooling=cfg.gate.pooling)
+    model = IMSMModel(peft_model, gate, pooling=cfg.gate.get("pooling", "mean"))
     model.check_trainable()
     return model
 
@@ -152,54 +149,10 @@ def build_model(cfg: DictConfig, total_steps: int | None = None) -> tuple[IMSMMo
 
 
 def save_model(model: IMSMModel, run_dir: str | Path, cfg: DictConfig | None = None) -> None:
-    """Adapter (peft format), gate (safetensors + json) and, if given, the resolved config."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model.peft_model.save_pretrained(run_dir / ADAPTER_DIR)
-    gate_meta: dict[str, Any] = {"type": "none", "pooling": model.pooling}
-    if model.gate is not None:
-        gate_meta.update(
-            type=model.gate.kind,
-            rank=getattr(model.gate, "rank", None),
-            value=getattr(model.gate, "value", None),
-            dropout=model.gate.dropout.p if hasattr(model.gate, "dropout") else 0.0,
-        )
-        state = {k: v.detach().contiguous().cpu() for k, v in model.gate.state_dict().items()}
-        if state:
-            save_file(state, str(run_dir / GATE_WEIGHTS))
-    write_json(run_dir / GATE_CONFIG, gate_meta)
-    if cfg is not None:
-        write_text_atomic(run_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+    """``model.save_pretrained(run_dir, cfg)``: adapter (peft format), gate (safetensors + json), resolved config."""
+    model.save_pretrained(run_dir, cfg)
 
 
 def load_model(run_dir: str | Path, device: str | None = None) -> tuple[IMSMModel, PreTrainedTokenizerBase]:
-    """Rebuild a saved run: backbone from its config, adapter via ``PeftModel.from_pretrained``, gate weights."""
-    run_dir = Path(run_dir)
-    for needed in (RUN_CONFIG, GATE_CONFIG, ADAPTER_DIR):
-        if not (run_dir / needed).exists():
-            raise FileNotFoundError(f"{run_dir} is not an IMSM run directory: {needed} is missing")
-    cfg = OmegaConf.load(run_dir / RUN_CONFIG)
-    backbone, tokenizer = load_backbone(cfg.backbone, device=device)
-    loramoe = is_loramoe_adapter(run_dir / ADAPTER_DIR)  # not a peft method: its own loader, same interface
-    load_adapter = LoRAMoEModel.from_pretrained if loramoe else PeftModel.from_pretrained
-    peft_model = load_adapter(prepare_backbone(backbone), run_dir / ADAPTER_DIR)
-    peft_model.eval()
-    meta = json.loads((run_dir / GATE_CONFIG).read_text())
-    gate = build_gate(
-        meta["type"],
-        backbone.config.hidden_size,
-        rank=meta.get("rank") or 8,
-        dropout=meta.get("dropout") or 0.0,
-        value=meta.get("value") if meta.get("value") is not None else 0.5,
-    )
-    if gate is not None:
-        if (run_dir / GATE_WEIGHTS).exists():
-            gate.load_state_dict(load_file(str(run_dir / GATE_WEIGHTS)))
-        gate.to(device=next(backbone.parameters()).device, dtype=torch.float32)
-    model = IMSMModel(peft_model, gate, pooling=meta.get("pooling", "mean"))
-    model.eval()
-    return model, tokenizer
-
-
-IMSMModel.from_pretrained = staticmethod(load_model)  # type: ignore[attr-defined]
-IMSMModel.save_pretrained = save_model  # type: ignore[attr-defined]
+    """``IMSMModel.from_pretrained(run_dir, device)``: the saved run's model (eval mode) and tokenizer."""
+    return IMSMModel.from_pretrained(run_dir, device=device)

@@ -9,6 +9,9 @@ them alike:
 - ``fixed`` ("w/o gate" ablation): ``g = value`` (0.5 in the paper), no parameters.
 - ``none``: plain PEFT; the model skips the frozen stream entirely, so no gate module exists.
 
+Each ``conf/gate/<type>.yaml`` names its builder under ``module._target_`` with only that gate's own arguments
+(``module: null`` for ``none``); ``gate_from_config`` instantiates it with the backbone's hidden size.
+
 Dropout follows the authors' code: after W_A and after W_B, before the sigmoid. Both linears keep PyTorch's
 default (Kaiming-uniform) initialisation, as there. The gate runs in fp32 (as the authors' ``.float()``): a
 sigmoid over a bf16 rank-8 projection is coarse, and the gate is tiny.
@@ -16,10 +19,31 @@ sigmoid over a bf16 rank-8 projection is coarse, and the gate is tiny.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
 import torch
+from hydra.utils import instantiate
 from torch import nn
 
 GATE_TYPES = ("query_aware", "no_query", "fixed", "none")
+
+
+class Gate(Protocol):
+    """What ``IMSMModel`` needs from a gate module (every variant below is one)."""
+
+    kind: str  # the ``gate.type`` it implements, written to ``gate.json``
+    needs_query: bool  # whether ``forward`` reads the query summaries (the model then computes them)
+
+    def __call__(
+        self,
+        base_hidden: torch.Tensor,
+        tuned_hidden: torch.Tensor,
+        base_query: torch.Tensor | None = None,
+        tuned_query: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """g, the frozen stream's weight, fp32, shaped like ``base_hidden``: (..., d)."""
+        ...
 
 
 class LowRankGate(nn.Module):
@@ -95,16 +119,76 @@ class FixedGate(nn.Module):
         return torch.full_like(base_hidden, self.value, dtype=torch.float32)
 
 
+def query_aware_gate(hidden_size: int, rank: int = 8, dropout: float = 0.1) -> LowRankGate:
+    """The paper's gate, ``gate.type=query_aware``: W_A 4d x r over ``cat[q_M, h_M, h_M', q_M']``."""
+    return LowRankGate(hidden_size, rank, use_query=True, dropout=dropout)
+
+
+def no_query_gate(hidden_size: int, rank: int = 8, dropout: float = 0.1) -> LowRankGate:
+    """The "w/o query" ablation, ``gate.type=no_query``: W_A 2d x r over ``cat[h_M, h_M']``."""
+    return LowRankGate(hidden_size, rank, use_query=False, dropout=dropout)
+
+
+def fixed_gate(hidden_size: int, value: float = 0.5) -> FixedGate:
+    """The "w/o gate" ablation, ``gate.type=fixed``; ``hidden_size`` is unused (every builder takes it)."""
+    del hidden_size
+    return FixedGate(value)
+
+
+# gate.type -> builder(hidden_size, **that gate's own arguments); ``none`` has no module.
+GATE_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "query_aware": query_aware_gate,
+    "no_query": no_query_gate,
+    "fixed": fixed_gate,
+}
+GATE_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "query_aware": ("rank", "dropout"),
+    "no_query": ("rank", "dropout"),
+    "fixed": ("value",),
+}
+
+
 def build_gate(
     gate_type: str, hidden_size: int, rank: int = 8, dropout: float = 0.1, value: float = 0.5
 ) -> nn.Module | None:
-    """Gate module for ``gate.type`` (``None`` for plain PEFT)."""
-    if gate_type == "query_aware":
-        return LowRankGate(hidden_size, rank, use_query=True, dropout=dropout)
-    if gate_type == "no_query":
-        return LowRankGate(hidden_size, rank, use_query=False, dropout=dropout)
-    if gate_type == "fixed":
-        return FixedGate(value)
+    """Gate module for ``gate.type`` (``None`` for plain PEFT); each builder gets only the arguments it takes.
+
+    Used by tests and to rebuild a saved run's gate from ``gate.json``; runs build theirs from the config
+    (``gate_from_config``).
+    """
     if gate_type == "none":
         return None
-    raise ValueError(f"gate.type={gate_type!r} is not one of {list(GATE_TYPES)}")
+    if gate_type not in GATE_BUILDERS:
+        raise ValueError(f"gate.type={gate_type!r} is not one of {list(GATE_TYPES)}")
+    given = {"rank": rank, "dropout": dropout, "value": value}
+    return GATE_BUILDERS[gate_type](hidden_size, **{k: given[k] for k in GATE_ARGUMENTS[gate_type]})
+
+
+def gate_from_config(gate_cfg: Mapping[str, Any], hidden_size: int) -> nn.Module | None:
+    """The gate a ``conf/gate/*.yaml`` node describes: ``instantiate(gate.module, hidden_size=d)``, None without one.
+
+    A node without a ``module`` key (a config saved before gates named their ``_target_``) is built from its flat
+    keys through ``build_gate``.
+
+    Args:
+        gate_cfg: the run's ``gate`` node (``type``, ``module``, ...).
+        hidden_size: d, the backbone's hidden size.
+    """
+    gate_type = gate_cfg.get("type")
+    if "module" not in gate_cfg:
+        defaults = {"rank": 8, "dropout": 0.1, "value": 0.5}
+        return build_gate(gate_type, hidden_size, **{k: gate_cfg.get(k, v) for k, v in defaults.items()})
+    if gate_cfg["module"] is None:
+        if gate_type != "none":
+            raise ValueError(
+                f"gate.type={gate_type!r} has no gate.module to build (conf/gate/{gate_type}.yaml); only "
+                "gate=none runs without one. Give the gate a module with its _target_."
+            )
+        return None
+    gate = instantiate(gate_cfg["module"], hidden_size=hidden_size)
+    if getattr(gate, "kind", None) != gate_type:
+        raise ValueError(
+            f"gate.module._target_={gate_cfg['module'].get('_target_')!r} builds a {getattr(gate, 'kind', None)!r} "
+            f"gate but gate.type={gate_type!r}; gate.json records the type, so they must agree"
+        )
+    return gate

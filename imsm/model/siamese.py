@@ -6,29 +6,38 @@ adapter. Both return the decoder's last hidden state (after the final norm); ful
 computed once, on the mixed state, and in training only at the response positions that carry a label.
 
 Training (``forward``): ``h = g * h_M + (1 - g) * h_M'``, ``logits = lm_head(h)``, cross-entropy on the response.
-Generation (``generate``): both streams keep their own KV cache; the query means are computed once at prefill.
+Generation (``generate``): both streams keep their own KV cache; the query means are computed once at prefill. The
+decoding loop lives in ``imsm.model.decoding``, the doubled-batch stream fusion in ``imsm.model.fusion``, the run
+directory format in ``imsm.model.checkpoint``; this module keeps the model itself.
 ``gate=None`` is plain PEFT through the same code (only the tuned stream runs), so comparisons are fair.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
 from torch import nn
 from transformers import DynamicCache
 from transformers.utils import ModelOutput
 
+from imsm.constants import IGNORE_INDEX
+from imsm.model.adapters import AdapterModel
 from imsm.model.families import Family, family_of
+from imsm.model.fusion import adapter_on_second_half, can_fuse_streams
 from imsm.model.gate import FixedGate, LowRankGate
 
-IGNORE_INDEX = -100
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["IGNORE_INDEX", "STREAMS", "IMSMModel", "IMSMOutput", "pool_query", "positions_from_mask"]
+
 STREAMS = ("imsm", "base", "tuned")
 
 
@@ -68,12 +77,13 @@ class IMSMModel(nn.Module):
     """Siamese LLM: frozen stream + tuned stream + gate over a single copy of the backbone weights.
 
     Args:
-        peft_model: the backbone with its adapter injected (``peft.get_peft_model`` / ``PeftModel.from_pretrained``).
-        gate: a gate module from ``imsm.model.gate.build_gate`` or None for plain PEFT.
+        peft_model: the backbone with its adapter injected (``peft.get_peft_model`` / ``PeftModel.from_pretrained``,
+            or LoRAMoE): anything offering ``imsm.model.adapters.AdapterModel``.
+        gate: a gate module (``imsm.model.gate``) or None for plain PEFT.
         pooling: query summary, ``mean`` (paper) or ``max``.
     """
 
-    def __init__(self, peft_model: PeftModel, gate: nn.Module | None, pooling: str = "mean"):
+    def __init__(self, peft_model: AdapterModel, gate: nn.Module | None, pooling: str = "mean"):
         super().__init__()
         self.peft_model = peft_model
         self.gate = gate
@@ -202,87 +212,12 @@ class IMSMModel(nn.Module):
 
     # --- generation ---------------------------------------------------------------------------------------
     def can_fuse_streams(self) -> bool:
-        """True when both streams can run as one doubled batch (peft's per-row adapter selection).
+        """True when both streams can run as one doubled batch (``imsm.model.fusion.can_fuse_streams``)."""
+        return can_fuse_streams(self.peft_model, self.family)
 
-        peft 0.21 supports ``adapter_names`` (with ``"__base__"`` for the frozen model) for plain LoRA; it raises for
-        DoRA and has no hook for the other methods, which then run as two separate streams. ChatGLM's layers see
-        (seq, batch, d) inputs, which peft's per-row selection cannot split.
-        """
-        config = self.peft_model.peft_config.get(self.peft_model.active_adapter)
-        return (
-            self.family.batch_first
-            and config is not None
-            and getattr(config, "peft_type", None) is not None
-            and config.peft_type.value == "LORA"
-            and not getattr(config, "use_dora", False)
-            and hasattr(self.peft_model.base_model, "_enable_peft_forward_hooks")
-        )
-
-    @contextlib.contextmanager
-    def adapter_on_second_half(self, batch: int) -> Iterator[None]:
-        """Inside: a batch of 2b rows runs rows ``[:b]`` through the frozen model and ``[b:]`` with the adapter.
-
-        Plain LoRA linears add ``B(A(x[b:])) * scaling`` to ``out[b:]`` only: contiguous halves, no per-layer
-        index lists. Anything else uses peft's own per-row selection (``adapter_names``), which builds index lists
-        and gathers / scatters rows in every layer.
-        """
-        from peft.tuners.lora import Linear as LoraLinear
-
-        active = self.peft_model.active_adapter
-        layers = [m for m in self.peft_model.modules() if isinstance(m, LoraLinear)]
-        plain = all(
-            type(m) is LoraLinear
-            and active in m.lora_A
-            and active not in m.lora_variant
-            and not m.merged
-            and "forward" not in vars(m)
-            for m in layers
-        )
-        if not layers or not plain:
-            names = ["__base__"] * batch + [active] * batch
-            with self.peft_model._enable_peft_forward_hooks(adapter_names=names):
-                yield
-            return
-
-        def half_forward(layer: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            out = layer.base_layer(x, *args, **kwargs)
-            tuned = x[batch:].to(layer.lora_A[active].weight.dtype)
-            delta = layer.lora_B[active](layer.lora_A[active](layer.lora_dropout[active](tuned)))
-            out[batch:] += (delta * layer.scaling[active]).to(out.dtype)
-            return out
-
-        try:
-            for m in layers:
-                m.forward = half_forward.__get__(m)  # an instance attribute shadows the class's forward
-            yield
-        finally:
-            for m in layers:
-                vars(m).pop("forward", None)
-
-    def _prefill(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        positions: torch.Tensor,
-        *,
-        adapter: bool,
-        rows: int,
-    ) -> tuple[torch.Tensor, object]:
-        """One stream over the prompts, ``rows`` at a time: its (batch, prompt_len, d) states and a filled cache."""
-        hidden, caches = [], []
-        for start in range(0, input_ids.shape[0], rows):
-            chunk = slice(start, start + rows)
-            caches.append(DynamicCache(config=self.config))
-            hidden.append(
-                self.stream_hidden(
-                    input_ids[chunk],
-                    attention_mask[chunk],
-                    adapter=adapter,
-                    position_ids=positions[chunk],
-                    cache=caches[-1],
-                )
-            )
-        return torch.cat(hidden), self.family.concat_caches(caches)
+    def adapter_on_second_half(self, batch: int) -> contextlib.AbstractContextManager[None]:
+        """Rows ``[:b]`` frozen, ``[b:]`` with the adapter, inside (``imsm.model.fusion.adapter_on_second_half``)."""
+        return adapter_on_second_half(self.peft_model, batch)
 
     @torch.no_grad()
     def generate(
@@ -316,81 +251,46 @@ class IMSMModel(nn.Module):
         Returns:
             (batch, n_new) new token ids, n_new <= max_new_tokens, ``pad_token_id`` after each row's EOS.
         """
-        if streams not in STREAMS:
-            raise ValueError(f"streams={streams!r} is not one of {list(STREAMS)}")
-        if attention_mask[:, -1].min() == 0:
-            raise ValueError("generate() needs left-padded prompts (the last column must be real tokens)")
-        mixing = streams == "imsm" and self.gate is not None
-        fuse = mixing and (self.can_fuse_streams() if fuse_streams is None else fuse_streams)
-        device = input_ids.device
-        check_every = stop_check_every or (8 if device.type == "cuda" else 1)
-        eos = torch.tensor(
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device
-        )
-        batch, prompt_len = input_ids.shape
+        from imsm.model.decoding import greedy_generate  # imports this module: a top-level import would cycle
 
-        # One attention mask for the whole run, sliced per step (no re-allocation in the loop).
-        full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
-        positions = positions_from_mask(attention_mask)
-        if fuse:
-            full_mask = torch.cat([full_mask, full_mask])
-            hooks = self.adapter_on_second_half(batch)
-        else:
-            hooks = contextlib.nullcontext()
-        # Prefill each stream on its own (prompts are compute-bound: a doubled batch saves nothing there), then
-        # decode both as one doubled batch over the joined caches when fused.
-        rows = max(1, (prefill_tokens or (32768 if device.type == "cuda" else 4096)) // prompt_len)
-        prefill = functools.partial(self._prefill, input_ids, attention_mask, positions, rows=rows)
-        base, base_cache = prefill(adapter=False) if mixing or streams == "base" else (None, None)
-        tuned, tuned_cache = prefill(adapter=True) if streams != "base" else (None, None)
-        caches = (
-            {"both": self.family.concat_caches([base_cache, tuned_cache])}
-            if fuse
-            else {"base": base_cache, "tuned": tuned_cache}
+        return greedy_generate(
+            self,
+            input_ids,
+            attention_mask,
+            max_new_tokens,
+            eos_token_id,
+            pad_token_id,
+            streams=streams,
+            fuse_streams=fuse_streams,
+            stop_check_every=stop_check_every,
+            prefill_tokens=prefill_tokens,
         )
 
-        def step(
-            ids: torch.Tensor, length: int, pos: torch.Tensor
-        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-            if fuse:
-                both = self.stream_hidden(
-                    torch.cat([ids, ids]),
-                    full_mask[:, :length],
-                    adapter=True,
-                    position_ids=torch.cat([pos, pos]),
-                    cache=caches["both"],
-                )
-                return both[:batch], both[batch:]
-            out = {}
-            for name, adapter in (("base", False), ("tuned", True)):
-                if caches[name] is not None:
-                    out[name] = self.stream_hidden(
-                        ids, full_mask[:, :length], adapter=adapter, position_ids=pos, cache=caches[name]
-                    )
-            return out.get("base"), out.get("tuned")
+    # --- save / load (the run directory format: ``imsm.model.checkpoint``) -----------------------------------
+    def save_pretrained(self, run_dir: str | Path, cfg: DictConfig | None = None) -> None:
+        """Write ``adapter/`` (peft format), ``gate.safetensors`` + ``gate.json`` and, given ``cfg``, ``config.yaml``.
 
-        out = []
-        with hooks:
-            bq = tq = None
-            if mixing and getattr(self.gate, "needs_query", False):
-                bq = pool_query(base, attention_mask, self.pooling)  # computed once: the prompt never changes
-                tq = pool_query(tuned, attention_mask, self.pooling)
-            finished = torch.zeros(batch, dtype=torch.bool, device=device)
-            pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
-            last_pos = positions[:, -1:]
-            for i in range(max_new_tokens):
-                if mixing:
-                    h = self.mix(base[:, -1], tuned[:, -1], bq, tq)
-                else:
-                    h = (base if streams == "base" else tuned)[:, -1]
-                next_tok = torch.where(finished, pad, self.lm_head(h).argmax(-1))
-                out.append(next_tok)
-                finished |= torch.isin(next_tok, eos)
-                if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and bool(finished.all())):
-                    break
-                last_pos = last_pos + 1
-                base, tuned = step(next_tok.unsqueeze(1), prompt_len + i + 1, last_pos)
-        return torch.stack(out, dim=1)
+        Args:
+            run_dir: the run directory (created if needed).
+            cfg: the run config, saved resolved; ``from_pretrained`` needs it to rebuild the backbone.
+        """
+        from imsm.model.checkpoint import save_run  # imports this module: a top-level import would cycle
+
+        save_run(self, run_dir, cfg)
+
+    @classmethod
+    def from_pretrained(
+        cls, run_dir: str | Path, device: str | None = None
+    ) -> tuple[IMSMModel, PreTrainedTokenizerBase]:
+        """Rebuild a saved run (eval mode) and its tokenizer: backbone from ``config.yaml``, adapter, gate weights.
+
+        Args:
+            run_dir: a directory written by ``save_pretrained`` with a config.
+            device: where to load the backbone; None: the backbone file's default.
+        """
+        from imsm.model.checkpoint import load_run
+
+        return load_run(run_dir, device=device)
 
     # --- bookkeeping --------------------------------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, int]:

@@ -1,0 +1,153 @@
+"""KV-cached greedy decoding of the siamese model, kept apart from the model (as nanochat's engine beside its GPT).
+
+Both streams read the prompts once (prefill, in row chunks), each into its own KV cache; the query summaries are
+computed once from the prefill, since the prompt never changes. Each step then runs one token per row through each
+stream (or through both at once as a doubled batch, ``imsm.model.fusion``), mixes the two last states with the gate
+and takes the head's argmax. ``IMSMModel.generate`` is the public entry point and delegates here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+
+from imsm.model.fusion import adapter_on_second_half, can_fuse_streams
+from imsm.model.siamese import STREAMS, pool_query, positions_from_mask
+
+if TYPE_CHECKING:
+    from imsm.model.siamese import IMSMModel
+
+
+def prefill(
+    model: IMSMModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    adapter: bool,
+    rows: int,
+) -> tuple[torch.Tensor, object]:
+    """One stream over the prompts, ``rows`` at a time.
+
+    Args:
+        input_ids, attention_mask, positions: (batch, prompt_len), left-padded.
+        adapter: False for the frozen stream M, True for M'.
+        rows: rows per chunk.
+
+    Returns:
+        The stream's (batch, prompt_len, d) states and one cache holding every row.
+    """
+    hidden, caches = [], []
+    for start in range(0, input_ids.shape[0], rows):
+        chunk = slice(start, start + rows)
+        caches.append(DynamicCache(config=model.config))
+        hidden.append(
+            model.stream_hidden(
+                input_ids[chunk],
+                attention_mask[chunk],
+                adapter=adapter,
+                position_ids=positions[chunk],
+                cache=caches[-1],
+            )
+        )
+    return torch.cat(hidden), model.family.concat_caches(caches)
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: IMSMModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | list[int],
+    pad_token_id: int,
+    streams: str = "imsm",
+    fuse_streams: bool | None = None,
+    stop_check_every: int | None = None,
+    prefill_tokens: int | None = None,
+) -> torch.Tensor:
+    """Batched greedy decoding with a KV cache per stream; the arguments are ``IMSMModel.generate``'s.
+
+    Returns:
+        (batch, n_new) new token ids, n_new <= max_new_tokens, ``pad_token_id`` after each row's EOS.
+    """
+    if streams not in STREAMS:
+        raise ValueError(f"streams={streams!r} is not one of {list(STREAMS)}")
+    if attention_mask[:, -1].min() == 0:
+        raise ValueError("generate() needs left-padded prompts (the last column must be real tokens)")
+    mixing = streams == "imsm" and model.gate is not None
+    fuse = mixing and (
+        can_fuse_streams(model.peft_model, model.family) if fuse_streams is None else fuse_streams
+    )
+    device = input_ids.device
+    check_every = stop_check_every or (8 if device.type == "cuda" else 1)
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    batch, prompt_len = input_ids.shape
+
+    # One attention mask for the whole run, sliced per step (no re-allocation in the loop).
+    full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
+    positions = positions_from_mask(attention_mask)
+    if fuse:
+        full_mask = torch.cat([full_mask, full_mask])
+        hooks = adapter_on_second_half(model.peft_model, batch)
+    else:
+        hooks = contextlib.nullcontext()
+    # Prefill each stream on its own (prompts are compute-bound: a doubled batch saves nothing there), then
+    # decode both as one doubled batch over the joined caches when fused.
+    rows = max(1, (prefill_tokens or (32768 if device.type == "cuda" else 4096)) // prompt_len)
+    fill = functools.partial(prefill, model, input_ids, attention_mask, positions, rows=rows)
+    base, base_cache = fill(adapter=False) if mixing or streams == "base" else (None, None)
+    tuned, tuned_cache = fill(adapter=True) if streams != "base" else (None, None)
+    caches = (
+        {"both": model.family.concat_caches([base_cache, tuned_cache])}
+        if fuse
+        else {"base": base_cache, "tuned": tuned_cache}
+    )
+
+    def step(
+        ids: torch.Tensor, length: int, pos: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(batch, 1, d) states of both streams for one new token per row (None for a stream that does not run)."""
+        if fuse:
+            both = model.stream_hidden(
+                torch.cat([ids, ids]),
+                full_mask[:, :length],
+                adapter=True,
+                position_ids=torch.cat([pos, pos]),
+                cache=caches["both"],
+            )
+            return both[:batch], both[batch:]
+        out = {}
+        for name, adapter in (("base", False), ("tuned", True)):
+            if caches[name] is not None:
+                out[name] = model.stream_hidden(
+                    ids, full_mask[:, :length], adapter=adapter, position_ids=pos, cache=caches[name]
+                )
+        return out.get("base"), out.get("tuned")
+
+    out = []
+    with hooks:
+        bq = tq = None
+        if mixing and getattr(model.gate, "needs_query", False):
+            bq = pool_query(base, attention_mask, model.pooling)  # computed once: the prompt never changes
+            tq = pool_query(tuned, attention_mask, model.pooling)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
+        last_pos = positions[:, -1:]
+        for i in range(max_new_tokens):
+            if mixing:
+                h = model.mix(base[:, -1], tuned[:, -1], bq, tq)
+            else:
+                h = (base if streams == "base" else tuned)[:, -1]
+            next_tok = torch.where(finished, pad, model.lm_head(h).argmax(-1))
+            out.append(next_tok)
+            finished |= torch.isin(next_tok, eos)
+            if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and bool(finished.all())):
+                break
+            last_pos = last_pos + 1
+            base, tuned = step(next_tok.unsqueeze(1), prompt_len + i + 1, last_pos)
+    return torch.stack(out, dim=1)
