@@ -62,7 +62,9 @@ class EvalSettings:
     scoring: str = "generate"
     compare_base: bool = False
     original_cache: str | None = None
-    backbone: dict[str, Any] = field(default_factory=dict)  # the frozen backbone's config: the cache key's part
+    backbone: dict[str, Any] = field(
+        default_factory=dict
+    )  # the frozen backbone's config: the cache key's part
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORERS:
@@ -117,7 +119,9 @@ class EvalSettings:
             node = dataset_config(name)
             if cfg.get("source"):
                 node.source = cfg.source
-            datasets.append(DatasetEval(name, node, cfg.limit, int(cfg.max_new_tokens or node.max_new_tokens)))
+            datasets.append(
+                DatasetEval(name, node, cfg.limit, int(cfg.max_new_tokens or node.max_new_tokens))
+            )
         return cfg_cls(
             datasets=datasets,
             data_dir=cfg.data_dir,
@@ -253,7 +257,9 @@ def evaluate_datasets(
     n = len(settings.datasets)
     for i, ds in enumerate(settings.datasets, start=1):
         log.info("[%d/%d] %s/%s: %s", i, n, ds.name, ds.config.eval_split, streams)
-        result.model[ds.name], result.rows[ds.name] = score_dataset(model, tokenizer, ds, settings, out_dir, streams)
+        result.model[ds.name], result.rows[ds.name] = score_dataset(
+            model, tokenizer, ds, settings, out_dir, streams
+        )
     write_json(out_dir / "metrics.json", result.model)
     if settings.compare_base:
         for ds in settings.datasets:

@@ -69,7 +69,11 @@ def test_evaluate_datasets_writes_metrics_and_predictions(tiny, data_dir, tmp_pa
 def test_source_override_reads_the_reference_split(tiny, data_dir, tmp_path):
     model, tokenizer, _ = tiny
     evaluate_datasets(
-        model, tokenizer, settings(["multirc"], data_dir, 2, max_new_tokens=1, source="reference"), tmp_path, "base"
+        model,
+        tokenizer,
+        settings(["multirc"], data_dir, 2, max_new_tokens=1, source="reference"),
+        tmp_path,
+        "base",
     )
     rows = [json.loads(line) for line in (tmp_path / "multirc" / "predictions.jsonl").open()]
     reference = (data_dir / "imsm-reference" / "multirc" / "data_test.json").open().readline()

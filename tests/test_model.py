@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import ast
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -351,23 +349,18 @@ def test_build_gate_passes_each_builder_only_its_arguments():
 # --- layout: decoding, fusion, adapters, save / load on the class --------------------------------------------------
 
 
-def test_model_modules_do_not_import_the_data_layer_and_siamese_loads_no_decoder():
-    model_dir = Path(imsm.model.__file__).parent
-    for path in model_dir.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = (
-                [a.name for a in node.names]
-                if isinstance(node, ast.Import)
-                else [node.module or ""]
-                if isinstance(node, ast.ImportFrom)
-                else []
-            )
-            assert not any(n == "imsm.data" or n.startswith("imsm.data.") for n in names), path
-    code = "import sys, imsm.model.siamese as s; assert 'imsm.model.decoding' not in sys.modules; print(s.IGNORE_INDEX)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str(IGNORE_INDEX) == "-100"
-    # the decoder imported first must not hit a cycle either
-    subprocess.run([sys.executable, "-c", "import imsm.model.decoding"], check=True)
+def test_siamese_does_not_import_the_decoder_at_module_level():
+    """``imsm.model.decoding`` imports the model; the model imports it only inside ``generate``: no import cycle.
+    (The data/model layering is checked in tests/test_packaging.py.)"""
+    tree = ast.parse(Path(imsm.model.siamese.__file__).read_text())
+    top_level = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top_level |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            top_level |= {node.module or ""} | {f"{node.module}.{a.name}" for a in node.names}
+    assert "imsm.model.decoding" not in top_level
+    assert "imsm.constants.IGNORE_INDEX" in top_level and IGNORE_INDEX == -100
 
 
 def test_generate_delegates_to_the_decoder():

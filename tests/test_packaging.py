@@ -26,7 +26,9 @@ def imports_of(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], base]).strip(".")
+                base = ".".join(
+                    [*package.split(".")[: len(package.split(".")) - node.level + 1], base]
+                ).strip(".")
             names |= {base} | {f"{base}.{a.name}" for a in node.names}
     return names
 
@@ -41,7 +43,9 @@ def modules_under(folder: Path) -> list[Path]:
 )
 def test_layers_do_not_import_each_other(layer, forbidden):
     bad = {
-        str(p.relative_to(REPO)): sorted(n for n in imports_of(p) if n == forbidden or n.startswith(f"{forbidden}."))
+        str(p.relative_to(REPO)): sorted(
+            n for n in imports_of(p) if n == forbidden or n.startswith(f"{forbidden}.")
+        )
         for p in modules_under(LIBRARY / layer)
     }
     assert not {k: v for k, v in bad.items() if v}
@@ -49,14 +53,29 @@ def test_layers_do_not_import_each_other(layer, forbidden):
 
 def test_the_library_does_not_import_the_bench_script():
     users = [str(p.relative_to(REPO)) for p in modules_under(LIBRARY) if p.name != "bench.py"]
-    users = [u for u in users if any(n == "imsm.bench" or n.startswith("imsm.bench.") for n in imports_of(REPO / u))]
+    users = [
+        u
+        for u in users
+        if any(n == "imsm.bench" or n.startswith("imsm.bench.") for n in imports_of(REPO / u))
+    ]
     assert users == []
 
 
 def test_every_config_file_ships_in_the_wheel_with_the_console_commands(tmp_path):
     """``pip install .`` (not editable) must carry imsm/conf: Hydra finds its configs inside the package."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", tmp_path, REPO],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            tmp_path,
+            REPO,
+        ],
         check=True,
         capture_output=True,
         timeout=300,
