@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, tiny_llama
+from helpers import compose_train
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
 from omegaconf import OmegaConf
@@ -51,11 +52,6 @@ GSM_ROWS = [
     }
     for i in range(8)
 ]
-
-
-def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 def loramoe(seed: int = 0, **config) -> LoRAMoEModel:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, tiny_llama
-from hydra import compose, initialize_config_dir
+from helpers import compose_train
 from omegaconf import OmegaConf
 from peft import AdaLoraConfig, get_peft_model
 
@@ -52,12 +52,6 @@ def gsm_dir(tmp_path_factory) -> Path:
     for split in ("train", "test"):
         (root / "gsm8k" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GSM_ROWS))
     return root
-
-
-def compose_train(overrides: list[str], searchpath: Path | None = None):
-    extra = [f"hydra.searchpath=[file://{searchpath}]"] if searchpath else []
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides + extra)
 
 
 def quick(
