@@ -148,23 +148,54 @@ class IMSMModel(nn.Module):
         mixed = g * base_hidden.float() + (1.0 - g) * tuned_hidden.float()
         return mixed.to(tuned_hidden.dtype)
 
-    def _streams(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor | None
+    def streams(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        query_mask: torch.Tensor | None = None,
+        frozen: bool | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Both streams' last hidden states and query summaries: ``(h_M, h_M', q_M, q_M')``.
+
+        Args:
+            input_ids, attention_mask: (batch, seq).
+            query_mask: (batch, seq), 1 on prompt tokens (needed by the query-aware gate, and for the summaries).
+            frozen: also run the frozen stream M; None: only when the gate needs it (vanilla PEFT: no).
+
+        Returns:
+            h_M (batch, seq, d) or None, h_M' (batch, seq, d), q_M and q_M' (batch, d) or None.
+        """
         tuned = self.stream_hidden(input_ids, attention_mask, adapter=True)
-        if self.gate is None:
+        if not (self.gate is not None if frozen is None else frozen):
             return None, tuned, None, None
         base = self.stream_hidden(input_ids, attention_mask, adapter=False)
-        if not getattr(self.gate, "needs_query", False):
-            return base, tuned, None, None
+        needs_query = getattr(self.gate, "needs_query", False)
         if query_mask is None:
-            raise ValueError("the query-aware gate needs `query_mask` (1 on prompt tokens) in the batch")
+            if needs_query:
+                raise ValueError("the query-aware gate needs `query_mask` (1 on prompt tokens) in the batch")
+            return base, tuned, None, None
+        if self.gate is not None and not needs_query:
+            return base, tuned, None, None
         return (
             base,
             tuned,
             pool_query(base, query_mask, self.pooling),
             pool_query(tuned, query_mask, self.pooling),
         )
+
+    _streams = streams  # the name earlier code used
+
+    def gate_values(
+        self,
+        base_hidden: torch.Tensor,
+        tuned_hidden: torch.Tensor,
+        base_query: torch.Tensor | None = None,
+        tuned_query: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """The frozen stream's weight per position, averaged over the d features: (...,) fp32; None without gate."""
+        if self.gate is None:
+            return None
+        return self.gate(base_hidden, tuned_hidden, base_query, tuned_query).float().mean(-1)
 
     def mixed_hidden(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor | None = None
