@@ -6,7 +6,9 @@ from the run config before any training (``EvalSettings.from_train_config``), so
 scorer fails in seconds rather than after hours of training.
 
 Scoring is a registry: ``SCORERS[name](model, tokenizer, examples, dataset, settings, streams, desc)`` returns
-``(metrics, per-example rows)``. A new way of scoring is one function added there plus its name in ``eval.scoring``.
+``(metrics, per-example rows)``. A new way of scoring is one function added there plus its name in ``eval.scoring``:
+``generate`` (greedy text scored by the dataset's metric), ``likelihood`` (teacher-forced gold-answer NLL, KL to the
+frozen model, choice scoring of yes/no sets, gate values: ``imsm.likelihood``), or ``both``.
 
 Layout, for every dataset alike: ``<out>/<name>/metrics.json`` (metrics + how they were obtained) and
 ``<out>/<name>/predictions.jsonl``, plus ``<out>/metrics.json`` (``{name: metrics}``). A training run uses
@@ -31,8 +33,10 @@ from imsm.backbones import DTYPES
 from imsm.data import DataError, check_source, dataset_config, load_split, parse_split
 from imsm.data.base import Example
 from imsm.io import write_json, write_jsonl
+from imsm.likelihood import likelihood_scores
 from imsm.model.siamese import STREAMS, IMSMModel
 from imsm.predict import evaluate_examples
+from imsm.record import flat_metrics
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,7 @@ class EvalSettings:
     data_dir: str | None
     batch_size: int = 8
     max_input_length: int = 512
+    max_output_length: int = 512  # likelihood scoring: gold-answer tokens (incl. EOS), as in training
     chat_template: bool = False
     autocast: str | None = None
     scoring: str = "generate"
@@ -102,6 +107,7 @@ class EvalSettings:
             data_dir=cfg.data_dir,
             batch_size=int(ev.batch_size),
             max_input_length=int(cfg.max_input_length),
+            max_output_length=int(cfg.max_output_length),
             chat_template=bool(cfg.chat_template),
             autocast=ev.get("autocast"),
             scoring=ev.get("scoring") or "generate",
@@ -127,6 +133,7 @@ class EvalSettings:
             data_dir=cfg.data_dir,
             batch_size=int(cfg.batch_size),
             max_input_length=int(cfg.max_input_length),
+            max_output_length=int(cfg.get("max_output_length") or 512),
             chat_template=bool(cfg.chat_template),
             autocast=cfg.get("autocast"),
             scoring=cfg.get("scoring") or "generate",
@@ -161,7 +168,46 @@ def score_by_generation(
     )
 
 
-SCORERS: dict[str, Scorer] = {"generate": score_by_generation}
+def score_by_likelihood(
+    model: IMSMModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    ds: DatasetEval,
+    settings: EvalSettings,
+    streams: str,
+    desc: str,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Teacher-forced gold-answer likelihood under the model, its tuned stream and the frozen model
+    (``imsm.likelihood``); yes/no datasets also get choice scoring."""
+    return likelihood_scores(
+        model,
+        tokenizer,
+        examples,
+        streams=streams,
+        choice=str(ds.config.metric).startswith("yes_no"),
+        batch_size=settings.batch_size,
+        max_input_length=settings.max_input_length,
+        max_output_length=settings.max_output_length,
+        chat_template=settings.chat_template,
+        autocast=settings.autocast,
+        desc=desc,
+    )
+
+
+def score_by_both(*args: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Generation and likelihood on the same examples: both metric sets, one row per example."""
+    metrics, rows = score_by_generation(*args)
+    lik_metrics, lik_rows = score_by_likelihood(*args)
+    for row, extra in zip(rows, lik_rows, strict=True):
+        row.update({k: v for k, v in extra.items() if k not in row})
+    return {**metrics, **lik_metrics}, rows
+
+
+SCORERS: dict[str, Scorer] = {
+    "generate": score_by_generation,
+    "likelihood": score_by_likelihood,
+    "both": score_by_both,
+}
 
 
 def score_dataset(
@@ -272,7 +318,9 @@ def evaluate_datasets(
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> str:
-    """Datasets as rows, every metric that any of them reports as columns (``-`` where absent)."""
+    """Datasets as rows, every metric that any of them reports as columns (``-`` where absent); likelihood, choice
+    and gate sections as ``lik_*`` / ``choice_*`` / ``gate_*`` columns (``imsm.record.flat_metrics``)."""
+    results = {name: flat_metrics(m) for name, m in results.items()}
     columns: list[str] = []
     for metrics in results.values():
         columns += [k for k in metrics if k not in columns]

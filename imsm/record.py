@@ -107,3 +107,30 @@ def read_record(path: str | Path) -> RunRecord:
             f"{path} is not an imsm run record (needs 'status' in {list(STATUSES)} and 'backbone')"
         )
     return RunRecord.from_dict(data)
+
+
+def flat_metrics(metrics: dict[str, Any] | None, with_ci: bool = False) -> dict[str, float]:
+    """One dataset's metrics as ``{name: number}`` for tables and W&B.
+
+    Plain numbers keep their names; the likelihood section's measures become ``lik_<name>`` (their mean; with
+    ``with_ci`` also ``lik_<name>_ci_low`` / ``_ci_high``), the choice and gate sections ``choice_<name>`` and
+    ``gate_<name>``.
+    """
+    flat: dict[str, float] = {}
+    for key, value in (metrics or {}).items():
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int | float):
+            flat[key] = value
+        elif key == "likelihood" and isinstance(value, dict):
+            for name, stat in value.items():
+                if isinstance(stat, dict) and stat.get("mean") is not None:
+                    flat[f"lik_{name}"] = stat["mean"]
+                    if with_ci and stat.get("ci"):
+                        flat[f"lik_{name}_ci_low"], flat[f"lik_{name}_ci_high"] = stat["ci"]
+        elif isinstance(value, dict):
+            prefix = {"choice": "choice", "gate": "gate"}.get(key, key)
+            flat.update(
+                {f"{prefix}_{k}": v for k, v in value.items() if isinstance(v, int | float) and v is not None}
+            )
+    return flat

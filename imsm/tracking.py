@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
+from imsm.record import flat_metrics
+
 
 def enabled(cfg: DictConfig) -> bool:
     return (cfg.get("logger") or {}).get("name") == "wandb"
@@ -81,9 +83,8 @@ def flatten_metrics(result: dict[str, Any]) -> dict[str, float]:
     sections += [(n, m, "") for n, m in (result.get("eval_datasets") or {}).items()]
     sections += [(n, m, "original/") for n, m in (result.get("base_eval_datasets") or {}).items()]
     for name, metrics, prefix in sections:
-        for k, v in metrics.items():
-            if isinstance(v, int | float):
-                flat[f"{prefix}eval/{name}/{k}"] = v
+        for k, v in flat_metrics(metrics, with_ci=True).items():
+            flat[f"{prefix}eval/{name}/{k}"] = v
     return flat
 
 

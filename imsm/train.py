@@ -35,7 +35,7 @@ from imsm.evaluation import MODEL_DIR, EvalResult, EvalSettings, evaluate_datase
 from imsm.model.adalora import training_steps
 from imsm.model.build import build_model, load_model, save_model
 from imsm.model.siamese import IMSMModel
-from imsm.record import RunRecord, write_record
+from imsm.record import RunRecord, flat_metrics, write_record
 from imsm.resilience import CHECKPOINTS, explain_oom, resolve_resume
 from imsm.training import IMSMTrainer, training_arguments
 
@@ -218,6 +218,7 @@ def summary_table(record: RunRecord) -> str:
         rows.append((name, metrics, (record.base_eval_datasets or {}).get(name, {})))
     lines = [f"{'':28}{'trained':>12}{'frozen base':>14}"]
     for name, m, b in rows:
+        m, b = flat_metrics(m), flat_metrics(b)
         for k, v in m.items():
             if isinstance(v, float):
                 base = f"{b[k]:.4f}" if isinstance(b.get(k), float) else "-"

@@ -55,7 +55,7 @@ def test_evaluate_datasets_writes_metrics_and_predictions(tiny, data_dir, tmp_pa
         model, tokenizer, settings(names, data_dir, 3, max_new_tokens=3), tmp_path, "base"
     ).model
     assert list(results) == names
-    assert set(results["mrpc"]) == {"accuracy", "f1", "invalid", "n"}
+    assert set(results["mrpc"]) == {"accuracy", "f1", "invalid", "invalid_rate", "n"}
     assert set(results["webq"]) == {"accuracy", "n"}
     assert all(m["n"] == 3 for m in results.values())
     assert json.loads((tmp_path / "metrics.json").read_text()) == results
@@ -83,7 +83,9 @@ def test_source_override_reads_the_reference_split(tiny, data_dir, tmp_path):
 def test_unknown_dataset_fails_before_generating(tmp_path):
     with pytest.raises(DataError, match=r"unknown dataset 'boolq'; choices: \['cola', 'freebaseqa'"):
         settings(["mrpc", "boolq"], tmp_path, 2)
-    with pytest.raises(ValueError, match=r"eval.scoring='likelihod' is not one of \['generate'"):
+    with pytest.raises(
+        ValueError, match=r"eval.scoring='likelihod' is not one of \['both', 'generate', 'likelihood'\]"
+    ):
         settings(["mrpc"], tmp_path, 2, scoring="likelihod")
 
 
@@ -100,7 +102,7 @@ def test_hydra_app_on_the_base_model_prints_the_table(data_dir, tmp_path, capsys
     )
     assert cfg.backbone.name == "tiny_llama"
     results = evaluate(cfg)
-    assert set(results["cola"]) == {"mcc", "accuracy", "invalid", "n"}
+    assert set(results["cola"]) == {"mcc", "accuracy", "invalid", "invalid_rate", "n"}
     assert set(results["ropes"]) == {"exact_match", "f1", "n"}
     out = capsys.readouterr().out
     assert "base model, limit=2" in out and "cola" in out and "exact_match" in out

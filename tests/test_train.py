@@ -51,7 +51,10 @@ def test_unknown_option_lists_the_choices():
     [
         ("eval_datasets=[webqs]", r"unknown dataset 'webqs'; choices: \['cola'"),
         ("dataset.eval_split='test[:x]'", r"bad split 'test\[:x\]'"),
-        ("eval.scoring=generation", r"eval.scoring='generation' is not one of \['generate'\]"),
+        (
+            "eval.scoring=generation",
+            r"eval.scoring='generation' is not one of \['both', 'generate', 'likelihood'\]",
+        ),
         ("eval.autocast=int8", r"autocast='int8' is not one of \[null, fp32, bf16, fp16\]"),
     ],
 )
