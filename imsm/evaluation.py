@@ -324,7 +324,7 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
     columns: list[str] = []
     for metrics in results.values():
         columns += [k for k in metrics if k not in columns]
-    counts = [c for c in ("invalid", "n") if c in columns]  # counts after the scores
+    counts = [c for c in ("invalid", "invalid_rate", "n") if c in columns]  # counts after the scores
     columns = [c for c in columns if c not in counts] + counts
     width = max([len("dataset"), *map(len, results)]) + 2
     lines = [f"{'dataset':<{width}}" + "".join(f"{c:>13}" for c in columns)]

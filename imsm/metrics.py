@@ -1,18 +1,23 @@
-"""Metrics on generated text, one per dataset family; ``score`` dispatches on the dataset's ``metric`` name.
+"""Metrics on model outputs, one per dataset family; ``score`` dispatches on the dataset's ``metric`` name.
 
-Each metric takes the generated strings and the golds and returns ``(summary dict, per-example correct list)``,
-so predictions files can say which examples were right.
+Each text metric takes the generated strings and the golds and returns ``(summary dict, per-example correct
+list)``, so predictions files can say which examples were right.
 
 - Text is normalised as in SQuAD: lower case, no punctuation, no articles (a, an, the), single spaces.
 - Yes/no answers: the first word of the normalised generation must be ``yes`` or ``no``. Anything else is
-  *invalid*: it counts as wrong (as the opposite of the gold label, so accuracy, F1 and MCC all see a mistake) and
-  the number of invalid outputs is reported. No substring matching: "eyes" is not "yes".
+  *invalid*: it is wrong for accuracy whatever the gold, and counts as the negative class ``no`` for F1 and MCC
+  (as the paper authors' scorer effectively does), so a model that never answers in format gets MCC 0 and F1 0,
+  not -1. The count (``invalid``) and the rate (``invalid_rate``) are reported. No substring matching: "eyes"
+  is not "yes".
 - ``yes_no_f1`` (MRPC): accuracy and F1 with ``yes`` as the positive class. ``yes_no_mcc`` (CoLA): Matthews
   correlation (and accuracy). ``yes_no_accuracy`` (MultiRC): accuracy.
 - ``squad`` (ROPES): exact match and SQuAD's token F1 (multiset overlap); ``squad_set``: the same with the set
   overlap of the paper authors' code (repeated tokens count once; an empty side scores 0).
 - ``contains`` (WebQ, FreebaseQA): right when any normalised gold alias is a substring of the normalised generation.
 - ``gsm8k_accuracy``: the number after the last "The answer is" (else the last number) equals the gold number.
+
+Beyond generated text: ``choice_metrics`` scores yes/no datasets from ``log p(yes) - log p(no)`` (accuracy, F1,
+MCC, AUROC), and ``bootstrap_ci`` gives the mean of per-example values with a percentile bootstrap CI.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc_score
 
 ANSWER_MARK = "The answer is"
 NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\$?\.\d+")
@@ -94,51 +100,136 @@ def parse_yes_no(text: str) -> str | None:
     return words[0] if words and words[0] in YES_NO else None
 
 
-def yes_no_labels(predictions: Sequence[str], golds: Sequence[Any]) -> tuple[list[int], list[int], int]:
-    """(gold labels, predicted labels, invalid count), 1 = yes; an invalid prediction becomes the wrong label."""
-    y_true, y_pred, invalid = [], [], 0
-    for i, (pred, gold) in enumerate(zip(predictions, golds, strict=True)):
+def check_yes_no_golds(golds: Sequence[Any]) -> list[int]:
+    """Gold labels as ints, 1 = yes; a gold that is not ``yes``/``no`` fails naming the example."""
+    for i, gold in enumerate(golds):
         if gold not in YES_NO:
             raise ValueError(f"gold label {gold!r} of example {i} is not one of {list(YES_NO)}")
-        truth = int(gold == "yes")
-        parsed = parse_yes_no(pred)
-        if parsed is None:
-            invalid += 1
-        y_true.append(truth)
-        y_pred.append(1 - truth if parsed is None else int(parsed == "yes"))
-    return y_true, y_pred, invalid
+    return [int(gold == "yes") for gold in golds]
+
+
+def yes_no_labels(
+    predictions: Sequence[str], golds: Sequence[Any]
+) -> tuple[list[int], list[int], list[bool]]:
+    """(gold labels, predicted labels, valid flags), 1 = yes.
+
+    An invalid prediction is labelled 0 (``no``, the negative class) for F1 and MCC; its ``valid`` flag is False,
+    so accuracy can count it wrong even where the gold is ``no``.
+    """
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions for {len(golds)} golds")
+    y_true = check_yes_no_golds(golds)
+    parsed = [parse_yes_no(pred) for pred in predictions]
+    y_pred = [int(p == "yes") for p in parsed]
+    return y_true, y_pred, [p is not None for p in parsed]
 
 
 def yes_no_accuracy(predictions: Sequence[str], golds: Sequence[Any]) -> tuple[Summary, list[bool]]:
-    y_true, y_pred, invalid = yes_no_labels(predictions, golds)
-    correct = [t == p for t, p in zip(y_true, y_pred, strict=True)]
-    return {"accuracy": accuracy(correct), "invalid": invalid, "n": len(correct)}, correct
+    """Accuracy (MultiRC); an invalid answer is wrong whatever the gold."""
+    y_true, y_pred, valid = yes_no_labels(predictions, golds)
+    correct = [v and t == p for t, p, v in zip(y_true, y_pred, valid, strict=True)]
+    invalid = valid.count(False)
+    return {
+        "accuracy": accuracy(correct),
+        "invalid": invalid,
+        "invalid_rate": invalid / len(valid) if valid else 0.0,
+        "n": len(correct),
+    }, correct
 
 
 def yes_no_f1(predictions: Sequence[str], golds: Sequence[Any]) -> tuple[Summary, list[bool]]:
-    """Accuracy and F1 of the ``yes`` class (MRPC)."""
+    """Accuracy and F1 of the ``yes`` class (MRPC); an invalid answer counts as ``no`` for F1."""
     summary, correct = yes_no_accuracy(predictions, golds)
     y_true, y_pred, _ = yes_no_labels(predictions, golds)
     f1 = float(f1_score(y_true, y_pred, pos_label=1, zero_division=0.0)) if y_true else 0.0
-    return {
-        "accuracy": summary["accuracy"],
-        "f1": f1,
-        "invalid": summary["invalid"],
-        "n": summary["n"],
-    }, correct
+    return {"accuracy": summary["accuracy"], "f1": f1, **without_accuracy(summary)}, correct
 
 
 def yes_no_mcc(predictions: Sequence[str], golds: Sequence[Any]) -> tuple[Summary, list[bool]]:
-    """Matthews correlation (CoLA); 0 when either side has a single class (sklearn's convention)."""
+    """Matthews correlation (CoLA), an invalid answer counting as ``no``; 0 when either side has a single class
+    (sklearn's convention), so a model that never answers in format gets 0."""
     summary, correct = yes_no_accuracy(predictions, golds)
     y_true, y_pred, _ = yes_no_labels(predictions, golds)
-    mcc = float(matthews_corrcoef(y_true, y_pred)) if y_true else 0.0
+    return {"mcc": mcc(y_true, y_pred), "accuracy": summary["accuracy"], **without_accuracy(summary)}, correct
+
+
+def mcc(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """sklearn's Matthews correlation; 0.0 (sklearn's value) when either side holds one class or none, without
+    the warning sklearn gives when both do."""
+    if len(set(y_true)) < 2 or len(set(y_pred)) < 2:
+        return 0.0
+    return float(matthews_corrcoef(y_true, y_pred))
+
+
+def without_accuracy(summary: Summary) -> Summary:
+    """The counts of a ``yes_no_accuracy`` summary (``invalid``, ``invalid_rate``, ``n``), in that order."""
+    return {k: v for k, v in summary.items() if k != "accuracy"}
+
+
+# --- choice scoring (likelihood of yes vs no) --------------------------------------------------------------------
+
+
+def choice_metrics(scores: Sequence[float], golds: Sequence[str]) -> dict[str, float | int | None]:
+    """Yes/no metrics from choice scores ``scores[i] = log p(yes) - log p(no)`` of example i.
+
+    The prediction is ``yes`` iff the score is > 0 (a tie is ``no``). Returns ``accuracy``, ``f1`` (``yes``
+    positive), ``mcc``, ``auroc`` (of the raw scores; None when the golds hold one class) and ``n``. With no
+    examples the scores are 0.0 and ``auroc`` None, as the text metrics do.
+    """
+    if len(scores) != len(golds):
+        raise ValueError(f"{len(scores)} choice scores for {len(golds)} golds")
+    y_true = check_yes_no_golds(golds)
+    values = np.asarray(scores, dtype=float).reshape(-1)
+    if np.isnan(values).any():
+        raise ValueError(f"choice score of example {int(np.flatnonzero(np.isnan(values))[0])} is NaN")
+    if not y_true:
+        return {"accuracy": 0.0, "f1": 0.0, "mcc": 0.0, "auroc": None, "n": 0}
+    y_pred = (values > 0).astype(int).tolist()
     return {
-        "mcc": mcc,
-        "accuracy": summary["accuracy"],
-        "invalid": summary["invalid"],
-        "n": summary["n"],
-    }, correct
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "f1": float(f1_score(y_true, y_pred, pos_label=1, zero_division=0.0)),
+        "mcc": mcc(y_true, y_pred),
+        # AUROC is undefined with one class (sklearn raises): None rather than a made-up 0.5
+        "auroc": float(roc_auc_score(y_true, values)) if len(set(y_true)) == 2 else None,
+        "n": len(y_true),
+    }
+
+
+# --- bootstrap confidence intervals ------------------------------------------------------------------------------
+
+MAX_BOOTSTRAP_DRAWS = 1 << 24  # index draws per chunk (128 MiB of int64): bounds memory for long inputs
+
+
+def bootstrap_ci(
+    values: Sequence[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, float | list[float] | None]:
+    """Mean of per-example ``values`` and its percentile bootstrap CI: ``{"mean": m, "ci": [lo, hi]}``.
+
+    Resamples examples with replacement ``n_boot`` times (indices drawn as ``(n_boot, n)`` arrays from
+    ``numpy.random.default_rng(seed)``, in row chunks so memory stays bounded; the chunking does not change the
+    draws) and takes the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled means. Empty input:
+    mean and ci None; one value v: ci [v, v].
+    """
+    if n_boot < 1:
+        raise ValueError(f"n_boot={n_boot} must be >= 1")
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must be in (0, 1), e.g. 0.95")
+    data = np.asarray(values, dtype=float).reshape(-1)
+    if data.size == 0:
+        return {"mean": None, "ci": None}
+    if np.isnan(data).any():
+        raise ValueError(f"value of example {int(np.flatnonzero(np.isnan(data))[0])} is NaN")
+    n = data.size
+    rng = np.random.default_rng(seed)
+    rows = max(1, MAX_BOOTSTRAP_DRAWS // n)
+    means = np.concatenate(
+        [
+            data[rng.integers(0, n, size=(min(rows, n_boot - done), n))].mean(axis=1)
+            for done in range(0, n_boot, rows)
+        ]
+    )
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": float(data.mean()), "ci": [float(lo), float(hi)]}
 
 
 # --- extractive QA (ROPES) ---------------------------------------------------------------------------------------
