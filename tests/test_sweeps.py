@@ -26,7 +26,8 @@ CONF = str(REPO / "imsm" / "conf")
 # the experiment group's own files (its shared part, experiment/base/sweep.yaml, is in a subfolder)
 EXPERIMENTS = sorted(p.stem for p in (REPO / "imsm" / "conf" / "experiment").glob("*.yaml"))
 TABLES = [e for e in EXPERIMENTS if e.startswith("table")]
-PAPER = [*TABLES, "fig3"]  # each also runs at CPU scale: experiment=<name> scale=cpu
+FIGURES = [e for e in EXPERIMENTS if e.startswith("fig")]
+PAPER = [*TABLES, *FIGURES]  # each also runs at CPU scale: experiment=<name> scale=cpu
 SWEEPS = [*PAPER, "smoke", "replicate_cpu_mrpc", "replicate_cpu_cola", "replicate_cpu_cola_ablation"]
 
 
@@ -74,8 +75,8 @@ def job_metrics(sweep: Path) -> list[dict]:
 
 
 def test_every_paper_table_has_a_cpu_version_and_a_grid():
-    assert {f"table{i}" for i in range(1, 7)} == set(TABLES)
-    for name in TABLES:
+    assert {f"table{i}" for i in range(1, 7)} == set(TABLES) and {"fig3", "fig4"} <= set(FIGURES)
+    for name in PAPER:
         params = sweep_params(name)
         assert params["seed"] == "1,2,3", name  # seeds for the t-test
         assert compose_train([f"experiment={name}"]).experiment_name == name

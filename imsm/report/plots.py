@@ -1,4 +1,4 @@
-"""Figures of a table, written as PNG beside it: the forgetting heatmap and the score-vs-gate-rank plot.
+"""Figures of a table, written as PNG beside it: the forgetting heatmap, the score-vs-gate-rank plot, the gate boxes.
 
 Both read a built ``Table`` (no numbers are computed here beyond what the table holds) and are written
 atomically, like every other report file. matplotlib runs headless (Agg).
@@ -54,7 +54,8 @@ def heatmap(table: Table, path: Path) -> None:
     bound = bound or 1.0
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(columns), 0.9 + 0.45 * len(rows)))
     im = ax.imshow(np.ma.masked_invalid(delta), cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
-    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+    ticks = [f"{c} (gain)" if table.is_target_column(c) else c for c in columns]  # the trained-on dataset
+    ax.set_xticks(range(len(columns)), ticks, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), [table.row_label(r) for r in rows])
     for i, row in enumerate(rows):
         for j, c in enumerate(columns):
@@ -114,6 +115,65 @@ def rank_plot(table: Table, path: Path) -> None:
         ax.set_ylabel("score (%)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{table.name}: score vs gate rank (mean ± std over seeds; dashed: Original)", fontsize=10)
+    fig.tight_layout()
+    write_figure(fig, path)
+    plt.close(fig)
+
+
+def gate_plot(table: Table, gates: Any, path: Path) -> None:
+    """One panel per gated row, one box per evaluated dataset, drawn from the gate's quantiles over answer positions.
+
+    ``gates``: ``likelihood.gate_frame(table)`` (quantiles averaged over seeds). Whiskers q05-q95, box q25-q75,
+    line the median, a dot the mean; the trained-on dataset is the orange box. The gate is the weight on the frozen
+    stream (1: the frozen model), so the paper's mechanism predicts higher boxes on datasets foreign to the target.
+    """
+    plt = _pyplot()
+    gates = gates.dropna(subset=["mean", *("q05", "q25", "q50", "q75", "q95")])
+    if not len(gates):
+        return
+    panels = list(dict.fromkeys(zip(gates["backbone"], gates["target"], gates["method"], strict=True)))
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, (backbone, target, method) in zip(axes.flat, panels, strict=False):
+        mine = gates[
+            (gates["backbone"] == backbone) & (gates["target"] == target) & (gates["method"] == method)
+        ]
+        stats = [
+            {
+                "label": d,
+                "whislo": q05,
+                "q1": q25,
+                "med": q50,
+                "q3": q75,
+                "whishi": q95,
+                "mean": mean,
+                "fliers": [],
+            }
+            for d, q05, q25, q50, q75, q95, mean in zip(
+                mine["dataset"],
+                mine["q05"],
+                mine["q25"],
+                mine["q50"],
+                mine["q75"],
+                mine["q95"],
+                mine["mean"],
+                strict=True,
+            )
+        ]
+        boxes = ax.bxp(stats, showmeans=True, patch_artist=True)
+        for box, s in zip(boxes["boxes"], stats, strict=True):
+            box.set_facecolor("tab:orange" if s["label"] == target else "tab:blue")
+            box.set_alpha(0.6)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("gate (weight on the frozen stream)", fontsize=8)
+        ax.set_title(f"{backbone} {target + ': ' if target else ''}{method}", fontsize=8)
+        ax.tick_params(axis="x", rotation=30, labelsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(
+        f"{table.name}: gate over answer positions (q05-q95, mean over seeds; orange: target)", fontsize=9
+    )
     fig.tight_layout()
     write_figure(fig, path)
     plt.close(fig)

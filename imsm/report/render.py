@@ -2,7 +2,8 @@
 
 Each table is built once as a DataFrame in plain text (``51.20 ± 1.30*``) and every format is a view of it: the
 LaTeX writer only escapes (``±`` -> ``$\\pm$``, ``*`` -> ``$^*$``). The CSV of the main table is tidy instead: one
-row per cell with its per-seed values, std, failures and p-value, for analysis outside this package.
+row per cell with its per-seed values, std, failures, raw and Holm-adjusted p-values, for analysis outside this
+package. The Original row is one frozen model scored once: its cells show the single value (n = 1), no std, no test.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def format_p(p: float | None) -> str:
     return "-" if p is None else f"{p:.3g}"
 
 
+def format_p_holm(p: float | None, p_holm: float | None) -> str:
+    """``0.0039 (Holm 0.023)``: the raw p-value beside its Holm adjustment over the table's tests."""
+    return "-" if p is None else f"{p:.3g} (Holm {format_p(p_holm)})"
+
+
 def _row_fields(table: Table, row: Any, target: bool) -> dict[str, str]:
     fields = {"backbone": row.backbone}
     if target:
@@ -116,7 +122,7 @@ def main_frame(table: Table) -> pd.DataFrame:
 
 
 def p_value_frame(table: Table) -> pd.DataFrame:
-    """The per-cell p-values of the gated rows that have a control row (empty when none has)."""
+    """The p-values of the gated rows that have a control row, each beside its Holm adjustment (empty: none)."""
     records = []
     for row in table.rows:
         if table.control(row) is None:
@@ -124,9 +130,10 @@ def p_value_frame(table: Table) -> pd.DataFrame:
         record = _row_fields(table, row, True)
         for c in table.columns:
             cell = table.cells.get((row, c))
-            record[c] = format_p(None if cell is None else cell.p_value)
+            record[c] = "-" if cell is None else format_p_holm(cell.p_value, cell.p_holm)
+        record["Avg"] = format_p_holm(table.average_p(row), table.average_p_holm(row))
         records.append(record)
-    return pd.DataFrame(records, columns=["backbone", "target", "method", *table.columns])
+    return pd.DataFrame(records, columns=["backbone", "target", "method", *table.columns, "Avg"])
 
 
 def tidy_frame(table: Table) -> pd.DataFrame:
@@ -147,47 +154,70 @@ def tidy_frame(table: Table) -> pd.DataFrame:
             if cell is None:
                 continue
             values = [round(cell.values[s], 4) for s in sorted(cell.values)]
+            spec = table.specs[c]
             records.append(
                 {
                     **fields,
-                    "dataset": c,
+                    "column": c,
+                    "dataset": spec.dataset,
+                    "metric": " / ".join(spec.metrics),
                     "mean": None if cell.mean is None else round(cell.mean, 4),
                     "std": None if cell.std is None else round(cell.std, 4),
                     "n": len(cell.values),
                     "n_failed": len(cell.failed),
                     "values": json.dumps(values),
                     "p_value_vs_vanilla": None if cell.p_value is None else f"{cell.p_value:.6g}",
+                    "p_holm": None if cell.p_holm is None else f"{cell.p_holm:.6g}",
                     "significant": None if cell.p_value is None else cell.significant,
                     "errors": " | ".join(sorted(set(cell.failed))),
                 }
             )
-        averages, p = seed_averages(table.row_cells(row)), table.average_p(row)
+        averages = seed_averages(table.average_cells(row)) if table.average_columns else {}
+        p, p_holm = table.average_p(row), table.average_p_holm(row)
         if averages:
             values = [round(averages[s], 4) for s in sorted(averages)]
             records.append(
                 {
                     **fields,
+                    "column": "Avg",
                     "dataset": "Avg",
+                    "metric": "mean of " + ", ".join(table.average_columns),
                     "mean": round(statistics.fmean(values), 4),
                     "std": round(statistics.stdev(values), 4) if len(values) > 1 else None,
                     "n": len(values),
                     "n_failed": 0,
                     "values": json.dumps(values),
                     "p_value_vs_vanilla": None if p is None else f"{p:.6g}",
+                    "p_holm": None if p_holm is None else f"{p_holm:.6g}",
                     "significant": None if p is None else p < ALPHA,
                     "errors": "",
                 }
             )
-    header = ["backbone", "target", "method", "peft", "gate", "gate_rank", *table.choice_keys, "dataset"]
-    header += ["mean", "std", "n", "n_failed", "values", "p_value_vs_vanilla", "significant", "errors"]
+    header = ["backbone", "target", "method", "peft", "gate", "gate_rank", *table.choice_keys, "column"]
+    header += ["dataset", "metric", "mean", "std", "n", "n_failed", "values", "p_value_vs_vanilla", "p_holm"]
+    header += ["significant", "errors"]
     return pd.DataFrame(records, columns=header)
 
 
 # --- forgetting ---------------------------------------------------------------------------------------------------
 
 
+def forgetting_header(table: Table, column: str) -> str:
+    """``ropes EM (gain vs Original)`` for a trained-on dataset, ``webq (Δ vs Original)`` for the others."""
+    if not table.is_target_column(column):
+        return f"{column} (Δ vs Original)"
+    rows = [r for r in table.rows if not r.is_original and (r, column) in table.cells]
+    if all(table.is_gain(r, column) for r in rows):
+        return f"{column} (gain vs Original)"
+    return f"{column} (gain vs Original where trained on it, else Δ)"  # a target of some rows, forgetting of others
+
+
 def forgetting_frame(table: Table) -> pd.DataFrame:
-    """Trained rows x evaluation datasets: ``score (change vs Original)``, else the cell's failed / missing."""
+    """Trained rows x evaluation datasets, else the cell's failed / missing.
+
+    A target column shows the gain of training, ``+16.33 (56.33)`` (gain, then the score); a forgetting column the
+    score and its change, ``30.00 (-5.00)``.
+    """
     records = []
     for row in table.rows:
         if row.is_original:
@@ -195,12 +225,15 @@ def forgetting_frame(table: Table) -> pd.DataFrame:
         record = _row_fields(table, row, True)
         for c in table.columns:
             change = table.change_vs_original(row, c)
-            if change is not None:
-                record[f"{c} (Δ vs Original)"] = f"{change[0]:.2f} ({change[1]:+.2f})"
+            if change is None:
+                text = format_cell(table.cells.get((row, c)))
+            elif table.is_gain(row, c):
+                text = f"{change[1]:+.2f} ({change[0]:.2f})"
             else:
-                record[f"{c} (Δ vs Original)"] = format_cell(table.cells.get((row, c)))
+                text = f"{change[0]:.2f} ({change[1]:+.2f})"
+            record[forgetting_header(table, c)] = text
         records.append(record)
-    columns = ["backbone", "target", "method", *[f"{c} (Δ vs Original)" for c in table.columns]]
+    columns = ["backbone", "target", "method", *[forgetting_header(table, c) for c in table.columns]]
     return pd.DataFrame(records, columns=columns)
 
 

@@ -2,7 +2,9 @@
 
 The unit of replication is the seed: a gated method is compared with the same method without the gate on the seeds
 both ran (two-sided paired t-test, ``scipy.stats.ttest_rel``), per cell and on the per-seed average over the
-columns (the "p (Avg)" column). A cell is marked at p < ``ALPHA``; fewer than 2 common seeds give no test.
+columns (the "p (Avg)" column). A cell is marked at p < ``ALPHA`` (raw, as the paper marks); fewer than 2 common
+seeds give no test. Every test of a table is also given its Holm-adjusted p-value (``holm``), the family being all
+the table's tests, so a reader can see which marks survive the correction for testing many cells.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class Cell:
     values: dict[int, float] = field(default_factory=dict)  # seed -> score
     failed: list[str] = field(default_factory=list)
     p_value: float | None = None  # vs the same method without the gate
+    p_holm: float | None = None  # p_value adjusted over the table's tests (``holm``)
 
     @property
     def mean(self) -> float | None:
@@ -71,3 +74,19 @@ def average_p_value(treated: list[Cell | None], control: list[Cell | None] | Non
     if control is None:
         return None
     return paired_ttest(seed_averages(treated), seed_averages(control))
+
+
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p-values (None: no test, left out of the family, kept None).
+
+    Sorted ascending, the i-th smallest (1-based) of m becomes ``max over j <= i of min(1, (m - j + 1) p_(j))``:
+    rejecting ``adjusted < alpha`` controls the family-wise error rate at alpha under any dependence.
+    """
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    m = len(tested)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * p))  # monotone: never below a smaller p's adjustment
+        adjusted[i] = running
+    return adjusted

@@ -1,20 +1,25 @@
-"""One group of runs -> a ``Table``: rows (a method on a backbone) x columns (evaluation datasets) of ``Cell``s.
+"""One group of runs -> a ``Table``: rows (a method on a backbone) x columns (a dataset's metric) of ``Cell``s.
 
 A row is backbone, target (when runs evaluate several datasets), PEFT method, gate, gate rank (when it is swept)
-and the group's varying choices. Trained rows take each run's scores; the "Original" row takes the frozen
-backbone's scores that every run also records. A gated cell gets the p-value of the paired t-test against its
-control, the row with the same choices and no gate. Names come from ``labels`` (the config files).
+and the group's varying choices. Columns are what the experiment's ``report:`` node declares (``columns``), else
+each dataset's headline metric. Trained rows take each run's scores, one value per seed; the "Original" row is the
+frozen backbone, one model scored once, so its cell holds one value (n = 1) however many runs carry a copy of it.
+A gated cell gets the p-value of the paired t-test against its control, the row with the same choices and no gate,
+and every test of the table its Holm-adjusted p-value. Names come from ``labels`` (the config files).
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from imsm.report.labels import gate_suffix, headline_score, peft_label
+from imsm.record import RunRecord
+from imsm.report.columns import Column, ReportSpec, report_spec
+from imsm.report.labels import gate_suffix, peft_label
 from imsm.report.runs import Run, choice_values, eval_names, natural, varying_keys
-from imsm.report.stats import Cell, average_p_value, paired_ttest, row_average
+from imsm.report.stats import Cell, average_p_value, holm, paired_ttest, row_average
 
 ORIGINAL = "original"
 # display order; names not listed come after, alphabetically
@@ -62,7 +67,7 @@ class RowKey:
 class Table:
     name: str
     setup: dict[str, Any]
-    columns: list[str]  # evaluation datasets: the targets, then the forgetting datasets
+    columns: list[str]  # column names: the targets' metrics, then the forgetting datasets'
     rows: list[RowKey]
     cells: dict[tuple[RowKey, str], Cell]
     show_target: bool
@@ -70,9 +75,41 @@ class Table:
     forgetting: bool
     runs: list[Run]
     choice_keys: list[str]  # the choices that vary between the runs (part of each row)
+    specs: dict[str, Column] = field(default_factory=dict)  # column name -> its dataset and metric
+    targets: list[str] = field(default_factory=list)  # the datasets runs were trained on
+    average_columns: list[str] = field(default_factory=list)  # what "Avg" averages (all columns by default)
+    average_absent: list[str] = field(default_factory=list)  # declared for Avg, absent from these runs
+    spec: ReportSpec = field(default_factory=ReportSpec)
+    original_spread: dict[tuple[RowKey, str], float] = field(default_factory=dict)  # copies that disagree
+    average_p_values: dict[RowKey, tuple[float | None, float | None]] = field(
+        default_factory=dict
+    )  # raw, Holm
 
     def row_cells(self, row: RowKey) -> list[Cell | None]:
         return [self.cells.get((row, c)) for c in self.columns]
+
+    def average_cells(self, row: RowKey) -> list[Cell | None]:
+        return [self.cells.get((row, c)) for c in self.average_columns]
+
+    def is_target_column(self, column: str) -> bool:
+        """In a forgetting table, a column of a dataset some row was trained on: its change is a gain."""
+        return self.forgetting and self.specs[column].dataset in self.targets
+
+    def is_gain(self, row: RowKey, column: str) -> bool:
+        """The cell's change vs Original is the gain of training on it (the row's own target)."""
+        return self.forgetting and row.target == self.specs[column].dataset
+
+    def row_of(self, record: RunRecord) -> RowKey:
+        """The row a run's scores go to (its Original row: ``.original``)."""
+        rank = int(record.gate_rank or 0) if self.show_rank and record.gate not in RANKLESS_GATES else 0
+        return RowKey(
+            str(record.backbone),
+            str(record.dataset) if self.forgetting else "",
+            str(record.peft),
+            str(record.gate),
+            rank,
+            choice_values(record, self.choice_keys),
+        )
 
     def control(self, row: RowKey) -> RowKey | None:
         """The same method without the gate, when the table has it (Table 6 has no vanilla rows)."""
@@ -81,11 +118,19 @@ class Table:
         return next((c for c in row.controls() if c in self.rows), None)
 
     def average(self, row: RowKey) -> float | None:
-        return row_average(self.row_cells(row))
+        return row_average(self.average_cells(row)) if self.average_columns else None
 
     def average_p(self, row: RowKey) -> float | None:
+        return self.average_p_values.get(row, (None, None))[0]
+
+    def average_p_holm(self, row: RowKey) -> float | None:
+        return self.average_p_values.get(row, (None, None))[1]
+
+    def _average_test(self, row: RowKey) -> float | None:
         control = self.control(row)
-        return average_p_value(self.row_cells(row), None if control is None else self.row_cells(control))
+        if control is None or not self.average_columns:
+            return None
+        return average_p_value(self.average_cells(row), self.average_cells(control))
 
     def method_label(self, row: RowKey) -> str:
         return method_label(row, self.show_rank)
@@ -122,51 +167,73 @@ def _append_new(items: list[str], values: list[str]) -> None:
     items += [v for v in values if v not in items]
 
 
-def build_table(name: str, runs: list[Run]) -> Table:
-    """Cells of one group: trained rows from each run's scores, the Original row from its frozen-backbone scores."""
+def build_table(name: str, runs: list[Run], spec: ReportSpec | None = None) -> Table:
+    """Cells of one group: trained rows from each run's scores, the Original row from its frozen-backbone scores.
+
+    ``spec``: the columns and average (default: the ``report:`` node of the runs' experiment file).
+    """
     records = [r.record for r in runs]
+    spec = spec if spec is not None else report_spec(records[0].experiment)
     forgetting = any(eval_names(r) for r in records)
     show_rank = len({r.gate_rank for r in records if r.gate not in RANKLESS_GATES}) > 1
-    keys = varying_keys(runs)
     backbones: list[str] = []
     targets: list[str] = []
     for r in records:
         _append_new(backbones, [str(r.backbone)])
         _append_new(targets, [str(r.dataset)])
     targets.sort(key=lambda t: order_key(t, TARGET_ORDER))
-    columns = list(targets)
+    datasets = list(targets)
     for r in records:
-        _append_new(columns, eval_names(r))
+        _append_new(datasets, eval_names(r))
+    columns = spec.columns_for(datasets)
+    by_dataset: dict[str, list[Column]] = defaultdict(list)
+    for c in columns:
+        by_dataset[c.dataset].append(c)
+    averaged, absent = spec.average_columns(columns)
+    table = Table(
+        name,
+        {**records[0].setup, "eval_datasets": eval_names(records[0])},
+        [c.name for c in columns],
+        [],
+        {},
+        forgetting,
+        show_rank,
+        forgetting,
+        runs,
+        varying_keys(runs),
+        specs={c.name: c for c in columns},
+        targets=targets,
+        average_columns=[c.name for c in averaged],
+        average_absent=absent,
+        spec=spec,
+    )
 
     cells: dict[tuple[RowKey, str], Cell] = defaultdict(Cell)
+    originals: dict[tuple[RowKey, str], list[float]] = defaultdict(list)
     for r in records:
         dataset = str(r.dataset)
-        rank = int(r.gate_rank or 0) if show_rank and r.gate not in RANKLESS_GATES else 0
-        row = RowKey(
-            str(r.backbone),
-            dataset if forgetting else "",
-            str(r.peft),
-            str(r.gate),
-            rank,
-            choice_values(r, keys),
-        )
+        row = table.row_of(r)
         names = [dataset, *[d for d in eval_names(r) if d != dataset]]
         if not r.ok:
             for d in names:
-                cells[(row, d)].failed.append(r.error or r.status)
+                for c in by_dataset[d]:
+                    cells[(row, c.name)].failed.append(r.error or r.status)
             continue
         trained = {dataset: r.metrics, **(r.eval_datasets or {})}
         frozen = {dataset: r.base_metrics, **(r.base_eval_datasets or {})}
         for d in names:
-            score = headline_score(d, trained.get(d))
-            if score is not None:
-                cells[(row, d)].values[int(r.seed or 0)] = score
-            base = headline_score(d, frozen.get(d))
-            if (
-                base is not None
-            ):  # the same frozen model for every seed and method: kept per run to show they agree
-                original = cells[(row.original, d)]
-                original.values[len(original.values)] = base
+            for c in by_dataset[d]:
+                score = c.score(trained.get(d))
+                if score is not None:
+                    cells[(row, c.name)].values[int(r.seed or 0)] = score
+                base = c.score(frozen.get(d))
+                if base is not None:  # every run carries a copy of the one frozen model's score
+                    originals[(row.original, c.name)].append(base)
+    for key, copies in originals.items():
+        # one model scored once: n = 1 (copies agree within a sweep; their mean if another sweep's differ)
+        cells[key].values = {0: statistics.fmean(copies)}
+        if max(copies) - min(copies) > 1e-9:
+            table.original_spread[key] = max(copies) - min(copies)
 
     def sort_key(row: RowKey) -> tuple:
         return (
@@ -179,11 +246,22 @@ def build_table(name: str, runs: list[Run]) -> Table:
             [natural(v) for _, v in row.choices],
         )
 
-    rows = sorted({row for row, _ in cells}, key=sort_key)
-    setup = {**records[0].setup, "eval_datasets": eval_names(records[0])}
-    table = Table(name, setup, columns, rows, dict(cells), forgetting, show_rank, forgetting, runs, keys)
-    for (row, d), cell in table.cells.items():
+    table.rows = sorted({row for row, _ in cells}, key=sort_key)
+    table.cells = dict(cells)
+    for (row, c), cell in table.cells.items():
         control = table.control(row)
-        if control is not None and (control, d) in table.cells:
-            cell.p_value = paired_ttest(cell.values, table.cells[(control, d)].values)
+        if control is not None and (control, c) in table.cells:
+            cell.p_value = paired_ttest(cell.values, table.cells[(control, c)].values)
+    add_holm(table)
     return table
+
+
+def add_holm(table: Table) -> None:
+    """Holm-adjust the table's family of tests: every cell's and every row average's (the "p (Avg)")."""
+    cells = [cell for cell in table.cells.values() if cell.p_value is not None]
+    averages = {row: table._average_test(row) for row in table.rows}
+    adjusted = holm([c.p_value for c in cells] + list(averages.values()))
+    for cell, p in zip(cells, adjusted[: len(cells)], strict=True):
+        cell.p_holm = p
+    for (row, p), p_adj in zip(averages.items(), adjusted[len(cells) :], strict=True):
+        table.average_p_values[row] = (p, p_adj)
