@@ -327,11 +327,12 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
     counts = [c for c in ("invalid", "invalid_rate", "n") if c in columns]  # counts after the scores
     columns = [c for c in columns if c not in counts] + counts
     width = max([len("dataset"), *map(len, results)]) + 2
-    lines = [f"{'dataset':<{width}}" + "".join(f"{c:>13}" for c in columns)]
+    widths = [max(13, len(c) + 2) for c in columns]
+    lines = [f"{'dataset':<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True))]
     for name, metrics in results.items():
         cells = []
         for c in columns:
             v = metrics.get(c)
             cells.append("-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v))
-        lines.append(f"{name:<{width}}" + "".join(f"{c:>13}" for c in cells))
+        lines.append(f"{name:<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
     return "\n".join(lines)

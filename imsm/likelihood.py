@@ -53,6 +53,9 @@ class Scored:
     p_eos_first: float = 0.0
     p_eos_first_frozen: float = 0.0
     gate: list[float] = field(default_factory=list)  # g per answer position (IMSM only)
+    choice_score: float | None = (
+        None  # log p(yes) - log p(no) at the first answer position (single-token choices)
+    )
 
 
 def answer_candidates(example: Example) -> list[str]:
@@ -84,12 +87,14 @@ def teacher_forced(
     chat_template: bool = False,
     autocast: str | None = None,
     with_eos: bool = True,
+    choice_ids: tuple[int, int] | None = None,
     desc: str = "likelihood",
 ) -> list[Scored]:
     """Score each ``(prompt, answer)`` pair with one forward per stream; returns the pairs' sums, in order.
 
     ``streams``: ``imsm`` (the model as configured: the mix, or the tuned stream without a gate), ``tuned`` or
     ``base`` (the frozen model alone: only its stream runs, and every number is the frozen model's).
+    ``choice_ids``: (yes id, no id): also ``log p(yes) - log p(no)`` at each pair's first answer position.
     """
     if streams not in STREAMS:
         raise ValueError(f"streams={streams!r} is not one of {list(STREAMS)}")
@@ -112,13 +117,19 @@ def teacher_forced(
         idx = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate([features[i] for i in idx]).items()}
         with autocast_context(device, autocast):
-            scored = _score_batch(model, batch, streams, tokenizer.eos_token_id)
+            scored = _score_batch(model, batch, streams, tokenizer.eos_token_id, choice_ids)
         for row, s in zip(idx, scored, strict=True):
             results[row] = s
     return results
 
 
-def _score_batch(model: IMSMModel, batch: dict[str, torch.Tensor], streams: str, eos: int) -> list[Scored]:
+def _score_batch(
+    model: IMSMModel,
+    batch: dict[str, torch.Tensor],
+    streams: str,
+    eos: int,
+    choice_ids: tuple[int, int] | None = None,
+) -> list[Scored]:
     ids, mask, query = batch["input_ids"], batch["attention_mask"], batch["query_mask"]
     if streams == "base":
         base, tuned, bq, tq = model.stream_hidden(ids, mask, adapter=False), None, None, None
@@ -137,9 +148,8 @@ def _score_batch(model: IMSMModel, batch: dict[str, torch.Tensor], streams: str,
     mixing = streams == "imsm" and model.gate is not None
     gate = model.gate_values(hb, ht, qb, qt) if mixing else None
 
-    stats = {
-        k: torch.zeros(len(gold), device=ids.device) for k in ("nll", "tuned", "frozen", "kl", "eos", "eos_f")
-    }
+    keys = ("nll", "tuned", "frozen", "kl", "eos", "eos_f", "choice")
+    stats = {k: torch.zeros(len(gold), device=ids.device) for k in keys}
     for s in range(0, len(gold), TOKEN_CHUNK):
         c = slice(s, s + TOKEN_CHUNK)
         lp_frozen = F.log_softmax(model.lm_head(hb[c]).float(), -1)
@@ -157,6 +167,8 @@ def _score_batch(model: IMSMModel, batch: dict[str, torch.Tensor], streams: str,
         stats["kl"][c] = (lp_frozen.exp() * (lp_frozen - lp_model)).sum(-1)
         stats["eos"][c] = lp_model[:, eos].exp()
         stats["eos_f"][c] = lp_frozen[:, eos].exp()
+        if choice_ids is not None:
+            stats["choice"][c] = lp_model[:, choice_ids[0]] - lp_model[:, choice_ids[1]]
 
     n_rows = ids.shape[0]
     sums = {k: torch.zeros(n_rows, device=ids.device).index_add(0, rows, v) for k, v in stats.items()}
@@ -165,7 +177,7 @@ def _score_batch(model: IMSMModel, batch: dict[str, torch.Tensor], streams: str,
     )
     eos_first = {
         k: torch.zeros(n_rows, device=ids.device).index_add(0, rows[first], stats[k][first])
-        for k in ("eos", "eos_f")
+        for k in ("eos", "eos_f", "choice")
     }
     out = []
     for r in range(n_rows):
@@ -180,6 +192,7 @@ def _score_batch(model: IMSMModel, batch: dict[str, torch.Tensor], streams: str,
                 p_eos_first=float(eos_first["eos"][r]),
                 p_eos_first_frozen=float(eos_first["eos_f"][r]),
                 gate=gate[on_row].tolist() if gate is not None else [],
+                choice_score=float(eos_first["choice"][r]) if choice_ids is not None else None,
             )
         )
     return out
@@ -204,7 +217,8 @@ def likelihood_scores(
     """
     candidates = [answer_candidates(e) for e in examples]
     pairs = [(e.prompt, a) for e, answers in zip(examples, candidates, strict=True) for a in answers]
-    scored = teacher_forced(model, tokenizer, pairs, streams=streams, **options)
+    same_pass = single_token_choices(tokenizer, examples) if choice else None
+    scored = teacher_forced(model, tokenizer, pairs, streams=streams, choice_ids=same_pass, **options)
     rows, chosen, k = [], [], 0
     for e, answers in zip(examples, candidates, strict=True):
         group = scored[k : k + len(answers)]
@@ -239,9 +253,29 @@ def likelihood_scores(
             **{f"q{int(p * 100):02d}": float(v) for p, v in zip(GATE_QUANTILES, q, strict=True)},
             "n_positions": len(gates),
         }
-    if choice:
+    if (
+        choice and same_pass is not None
+    ):  # yes and no are one token each: read both off the gold answer's pass
+        metrics["choice"] = _choice_metrics(examples, rows, [s.choice_score for s in chosen])
+    elif choice:
         metrics["choice"] = _choice(model, tokenizer, examples, rows, streams, options)
     return metrics, rows
+
+
+def single_token_choices(
+    tokenizer: PreTrainedTokenizerBase, examples: list[Example]
+) -> tuple[int, int] | None:
+    """(yes id, no id) when every example's yes and no answers are one token each, the same for all; else None."""
+    found = set()
+    for e in examples:
+        targets = choice_targets(e)
+        if targets is None:
+            return None
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in targets]
+        if any(len(i) != 1 for i in ids):
+            return None
+        found.add((ids[0][0], ids[1][0]))
+    return found.pop() if len(found) == 1 else None
 
 
 LIKELIHOOD_KEYS = (
@@ -278,12 +312,22 @@ def _choice(
     pairs = [(examples[i].prompt, answer) for i in keep for answer in targets[i]]  # type: ignore[union-attr]
     opts = {**options, "desc": f"{options.get('desc', 'likelihood')} (yes/no)"}
     scored = teacher_forced(model, tokenizer, pairs, streams=streams, with_eos=False, **opts)
-    scores, golds = [], []
+    scores: list[float | None] = [None] * len(examples)
     for j, i in enumerate(keep):
         yes, no = scored[2 * j], scored[2 * j + 1]
-        score = -yes.nll + no.nll  # log p(yes) - log p(no)
-        rows[i]["choice_score"] = score
-        rows[i]["choice"] = "yes" if score > 0 else "no"
-        scores.append(score)
-        golds.append(examples[i].target.strip().lower())
-    return choice_metrics(scores, golds)
+        scores[i] = -yes.nll + no.nll  # log p(yes) - log p(no)
+    return _choice_metrics(examples, rows, scores)
+
+
+def _choice_metrics(
+    examples: list[Example], rows: list[dict[str, Any]], scores: list[float | None]
+) -> dict[str, Any]:
+    """Each row gets its ``choice_score`` and ``choice``; accuracy / F1 / MCC / AUROC over the scored examples."""
+    kept, golds = [], []
+    for e, row, score in zip(examples, rows, scores, strict=True):
+        if score is None:
+            continue
+        row["choice_score"], row["choice"] = score, "yes" if score > 0 else "no"
+        kept.append(score)
+        golds.append(e.target.strip().lower())
+    return choice_metrics(kept, golds)

@@ -17,7 +17,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc
 from imsm.backbones import load_backbone
 from imsm.data.base import Example
 from imsm.data.collate import TrainCollator, encode_example
-from imsm.likelihood import choice_targets, likelihood_scores, teacher_forced
+from imsm.likelihood import _choice, choice_targets, likelihood_scores, single_token_choices, teacher_forced
 from imsm.model.gate import build_gate
 from imsm.model.siamese import IMSMModel
 from imsm.train import train
@@ -125,6 +125,11 @@ def test_choice_scoring_equals_scikit_learn_on_the_same_predictions():
     assert choice["f1"] == pytest.approx(f1_score(y_true, y_pred, zero_division=0))
     assert choice["mcc"] == pytest.approx(matthews_corrcoef(y_true, y_pred))
     assert choice["auroc"] == pytest.approx(roc_auc_score(y_true, scores))
+    # yes and no are one token each here: read off the gold pass; the same as scoring both answers separately
+    two_pass = [dict(r) for r in rows]
+    assert single_token_choices(tok, examples) is not None
+    _choice(model, tok, examples, two_pass, "imsm", {})
+    assert [r["choice_score"] for r in two_pass] == pytest.approx(scores, abs=1e-5)
     assert choice_targets(Example("p", " Yes")) == (" Yes", " No")
     assert choice_targets(Example("p", "Paris")) is None
 
