@@ -33,7 +33,7 @@ from imsm.backbones import DTYPES
 from imsm.data import DataError, check_source, dataset_config, load_split, parse_split
 from imsm.data.base import Example
 from imsm.io import write_json, write_jsonl
-from imsm.likelihood import likelihood_scores
+from imsm.likelihood import ALIAS_RULES, likelihood_scores
 from imsm.model.siamese import STREAMS, IMSMModel
 from imsm.predict import evaluate_examples
 from imsm.record import flat_metrics
@@ -65,6 +65,7 @@ class EvalSettings:
     chat_template: bool = False
     autocast: str | None = None
     scoring: str = "generate"
+    aliases: str = "first"  # likelihood scoring of several gold aliases: first | best (imsm.likelihood)
     compare_base: bool = False
     original_cache: str | None = None
     backbone: dict[str, Any] = field(
@@ -74,6 +75,8 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if self.scoring not in SCORERS:
             raise ValueError(f"eval.scoring={self.scoring!r} is not one of {sorted(SCORERS)}")
+        if self.aliases not in ALIAS_RULES:
+            raise ValueError(f"eval.aliases={self.aliases!r} is not one of {list(ALIAS_RULES)}")
         if self.autocast not in (None, *DTYPES):
             raise ValueError(f"autocast={self.autocast!r} is not one of [null, {', '.join(DTYPES)}]")
         for ds in self.datasets:
@@ -111,6 +114,7 @@ class EvalSettings:
             chat_template=bool(cfg.chat_template),
             autocast=ev.get("autocast"),
             scoring=ev.get("scoring") or "generate",
+            aliases=ev.get("aliases") or "first",
             compare_base=bool(ev.compare_base),
             original_cache=ev.get("original_cache"),
             backbone=OmegaConf.to_container(cfg.backbone, resolve=True),  # type: ignore[arg-type]
@@ -137,6 +141,7 @@ class EvalSettings:
             chat_template=bool(cfg.chat_template),
             autocast=cfg.get("autocast"),
             scoring=cfg.get("scoring") or "generate",
+            aliases=cfg.get("aliases") or "first",
         )
 
 
@@ -185,6 +190,7 @@ def score_by_likelihood(
         examples,
         streams=streams,
         choice=str(ds.config.metric).startswith("yes_no"),
+        aliases=settings.aliases,
         batch_size=settings.batch_size,
         max_input_length=settings.max_input_length,
         max_output_length=settings.max_output_length,
@@ -265,7 +271,7 @@ def cached_original(settings: EvalSettings, ds: DatasetEval, compute: Callable[[
         "chat_template": settings.chat_template,
     }
     if settings.scoring != "generate":  # keeps the keys (and so the caches) of earlier generation-only sweeps
-        key["scoring"] = settings.scoring
+        key["scoring"], key["aliases"] = settings.scoring, settings.aliases
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = Path(settings.original_cache) / f"{settings.backbone.get('name')}_{ds.name}_{digest}.json"
     if path.exists():

@@ -9,8 +9,9 @@ stream an IMSM forward computes anyway is reused, so an IMSM model costs two pas
   per answer); ``delta_nll = nll - nll_frozen``: how much less likely the known answer became (forgetting, > 0);
 - ``kl``: KL(frozen || model) per answer token: how far the answer distribution moved, right answer or not;
 - ``p_eos_first``: P(EOS) as the first answer token: "stops answering" is told apart from "lost the fact";
-- several gold aliases (WebQ, FreebaseQA): every alias is scored and the one the frozen model finds most probable
-  (lowest NLL per token) is the example's answer for every stream, so all streams are compared on the same tokens;
+- several gold aliases (WebQ, FreebaseQA): ``first`` (default) scores the dataset's target, its first alias;
+  ``best`` scores every alias and keeps the one the frozen model finds most probable (lowest NLL per token), at one
+  pass per alias. Either way every stream is scored on the same tokens;
 - yes/no datasets: choice scoring, ``log p(yes) - log p(no)`` of the answer words (no EOS), as lm-evaluation-harness
   scores small models: accuracy, F1, MCC, AUROC, with no invalid answers;
 - an IMSM model's gate value g (the frozen stream's weight, mean over features) at each answer position.
@@ -58,9 +59,14 @@ class Scored:
     )
 
 
-def answer_candidates(example: Example) -> list[str]:
-    """The answers to score: every distinct gold alias when ``gold`` is a list, else the target."""
-    if isinstance(example.gold, list | tuple) and example.gold:
+ALIAS_RULES = ("first", "best")
+
+
+def answer_candidates(example: Example, aliases: str = "first") -> list[str]:
+    """The answers to score: the target (``first``), or every distinct gold alias when ``gold`` is a list (``best``)."""
+    if aliases not in ALIAS_RULES:
+        raise ValueError(f"aliases={aliases!r} is not one of {list(ALIAS_RULES)}")
+    if aliases == "best" and isinstance(example.gold, list | tuple) and example.gold:
         return list(dict.fromkeys(str(g) for g in example.gold))
     return [example.target]
 
@@ -209,13 +215,16 @@ def likelihood_scores(
     *,
     streams: str = "imsm",
     choice: bool = False,
+    aliases: str = "first",
     **options: Any,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score ``examples`` by likelihood; returns (metrics: ``likelihood`` [+ ``choice``] [+ ``gate``], rows).
 
-    ``options`` go to ``teacher_forced`` (batch size, lengths, chat template, autocast, desc).
+    ``aliases``: ``first`` scores each example's target (one pass), ``best`` every gold alias, keeping the one the
+    frozen model finds most probable (one pass per alias). ``options`` go to ``teacher_forced`` (batch size,
+    lengths, chat template, autocast, desc).
     """
-    candidates = [answer_candidates(e) for e in examples]
+    candidates = [answer_candidates(e, aliases) for e in examples]
     pairs = [(e.prompt, a) for e, answers in zip(examples, candidates, strict=True) for a in answers]
     same_pass = single_token_choices(tokenizer, examples) if choice else None
     scored = teacher_forced(model, tokenizer, pairs, streams=streams, choice_ids=same_pass, **options)

@@ -101,7 +101,8 @@ def test_the_alias_the_frozen_model_finds_most_probable_is_scored():
     model = make_imsm("query_aware")
     tok = _ToyTokenizer()
     example = Example("a b c", "d", gold=["d", "e f", "g"])
-    _, rows = likelihood_scores(model, tok, [example])
+    _, rows = likelihood_scores(model, tok, [example], aliases="best")
+    assert likelihood_scores(model, tok, [example])[1][0]["answer"] == "d"  # first: the target
     per_alias = teacher_forced(model, tok, [("a b c", a) for a in example.gold])
     best = min(range(3), key=lambda i: per_alias[i].nll_frozen / per_alias[i].tokens)
     assert rows[0]["answer"] == example.gold[best]
