@@ -187,7 +187,7 @@ def test_speed_job_writes_tokens_per_second(tmp_path):
         )
 
 
-@pytest.mark.slow  # a fresh interpreter; speed_run itself is tested in-process (test_speed_run_*, test_sweeps)
+@pytest.mark.slow  # a fresh interpreter; speed_run itself is tested in-process (above, and in test_sweeps)
 def test_speed_entry_point_runs_one_job(tmp_path):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
