@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from imsm import CONF_DIR
 from imsm.backbones import autocast_context, load_tokenizer, resolve_dtype
 from imsm.model.build import build_model, wrap_backbone
-from imsm.model.siamese import IMSMModel
+from imsm.model.siamese import IMSMModel, pool_query
 from imsm.timing import alternate, decode_fn, peak_memory_mib, prompt_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,13 +174,6 @@ def hf_generate_fn(model: IMSMModel, ids: torch.Tensor, mask: torch.Tensor, new:
     )
 
 
-def query_mean(hidden: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden`` (batch, seq, d) over the prompt tokens (``query_mask`` 1), (batch, d): the paper's pooling,
-    written out as the authors' decoder computes it (the same arithmetic as IMSM's mean pooling)."""
-    mask = query_mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-
-
 class NaiveSiamese:
     """The authors' decoder: two full model copies, no KV cache, both re-run over the whole sequence each step
     (full-vocabulary logits included, as their ``model(input_ids, output_hidden_states=True)`` calls do)."""
@@ -197,7 +190,7 @@ class NaiveSiamese:
             query[:, :q_len] = 1
             tuned = m.peft_model(input_ids=seq, output_hidden_states=True, use_cache=False).hidden_states[-1]
             base = self.frozen(input_ids=seq, output_hidden_states=True, use_cache=False).hidden_states[-1]
-            h = m.mix(base[:, -1:], tuned[:, -1:], query_mean(base, query), query_mean(tuned, query))
+            h = m.mix(base[:, -1:], tuned[:, -1:], pool_query(base, query), pool_query(tuned, query))
             seq = torch.cat([seq, m.lm_head(h[:, -1]).argmax(-1, keepdim=True)], dim=1)
         return seq[:, q_len:]
 

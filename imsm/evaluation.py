@@ -121,7 +121,7 @@ class EvalSettings:
         )
 
     @classmethod
-    def from_evaluate_config(cfg_cls, cfg: DictConfig) -> EvalSettings:
+    def from_evaluate_config(cls, cfg: DictConfig) -> EvalSettings:
         """``python -m imsm.evaluate``: ``datasets`` (a name or a list), one ``limit``, optional ``source``."""
         names = [cfg.datasets] if isinstance(cfg.datasets, str) else list(cfg.datasets)
         datasets = []
@@ -132,7 +132,7 @@ class EvalSettings:
             datasets.append(
                 DatasetEval(name, node, cfg.limit, int(cfg.max_new_tokens or node.max_new_tokens))
             )
-        return cfg_cls(
+        return cls(
             datasets=datasets,
             data_dir=cfg.data_dir,
             batch_size=int(cfg.batch_size),

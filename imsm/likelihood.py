@@ -34,10 +34,9 @@ from imsm.backbones import autocast_context
 from imsm.constants import IGNORE_INDEX
 from imsm.data.base import Example
 from imsm.data.collate import TrainCollator, encode_example
-from imsm.metrics import bootstrap_ci, choice_metrics
+from imsm.metrics import YES_NO, bootstrap_ci, choice_metrics
 from imsm.model.siamese import STREAMS, IMSMModel
 
-YES_NO = ("yes", "no")
 TOKEN_CHUNK = 256  # answer positions whose full-vocabulary log-probabilities are held at once
 GATE_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 

@@ -129,8 +129,7 @@ def flat_metrics(metrics: dict[str, Any] | None, with_ci: bool = False) -> dict[
                     if with_ci and stat.get("ci"):
                         flat[f"lik_{name}_ci_low"], flat[f"lik_{name}_ci_high"] = stat["ci"]
         elif isinstance(value, dict):
-            prefix = {"choice": "choice", "gate": "gate"}.get(key, key)
             flat.update(
-                {f"{prefix}_{k}": v for k, v in value.items() if isinstance(v, int | float) and v is not None}
+                {f"{key}_{k}": v for k, v in value.items() if isinstance(v, int | float) and v is not None}
             )
     return flat

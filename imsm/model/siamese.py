@@ -183,8 +183,6 @@ class IMSMModel(nn.Module):
             pool_query(tuned, query_mask, self.pooling),
         )
 
-    _streams = streams  # the name earlier code used
-
     def gate_values(
         self,
         base_hidden: torch.Tensor,
@@ -201,7 +199,7 @@ class IMSMModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Mixed last-layer state at every position, (batch, seq, d)."""
-        base, tuned, bq, tq = self._streams(input_ids, attention_mask, query_mask)
+        base, tuned, bq, tq = self.streams(input_ids, attention_mask, query_mask)
         return self.mix(base, tuned, bq, tq)
 
     # --- training -----------------------------------------------------------------------------------------
@@ -224,7 +222,7 @@ class IMSMModel(nn.Module):
             task_type: (batch,) per-row task type from the collator; unused here: ``IMSMTrainer.compute_loss``
                 reads it from the batch for LoRAMoE's balancing loss, which needs the routing of this forward.
         """
-        base, tuned, bq, tq = self._streams(input_ids, attention_mask, query_mask)
+        base, tuned, bq, tq = self.streams(input_ids, attention_mask, query_mask)
         logits = self.lm_head(self.mix(base, tuned, bq, tq)) if return_logits else None
         loss = None
         if labels is not None:
