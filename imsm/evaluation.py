@@ -22,12 +22,12 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from imsm.backbones import DTYPES
 from imsm.data import DataError, check_source, dataset_config, load_split, parse_split
@@ -40,7 +40,7 @@ from imsm.record import flat_metrics
 
 log = logging.getLogger(__name__)
 
-MODEL_DIR, BASE_DIR = "eval", "eval_base"
+MODEL_DIR, BASE_DIR, STEPS_DIR = "eval", "eval_base", "eval_steps"
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class DatasetEval:
     config: DictConfig
     limit: int | None
     max_new_tokens: int
+    scoring: str | None = (
+        None  # this dataset's scorer (``eval.scoring_by_dataset``); None: ``EvalSettings.scoring``
+    )
 
 
 @dataclass
@@ -66,6 +69,7 @@ class EvalSettings:
     autocast: str | None = None
     scoring: str = "generate"
     aliases: str = "first"  # likelihood scoring of several gold aliases: first | best (imsm.likelihood)
+    answer_eos: bool = True  # likelihood scoring: the answer's NLL includes its closing EOS (as in training)
     compare_base: bool = False
     original_cache: str | None = None
     backbone: dict[str, Any] = field(
@@ -80,6 +84,10 @@ class EvalSettings:
         if self.autocast not in (None, *DTYPES):
             raise ValueError(f"autocast={self.autocast!r} is not one of [null, {', '.join(DTYPES)}]")
         for ds in self.datasets:
+            if ds.scoring is not None and ds.scoring not in SCORERS:
+                raise ValueError(
+                    f"eval.scoring_by_dataset.{ds.name}={ds.scoring!r} is not one of {sorted(SCORERS)}"
+                )
             split = ds.config.get("eval_split")
             if not split:
                 raise DataError(f"{ds.name}: no eval_split in its config")
@@ -98,13 +106,22 @@ class EvalSettings:
         """
         ev = cfg.eval
         limits = ev.get("limits") or {}
+        scorers = ev.get("scoring_by_dataset") or {}
 
         def entry(name: str, node: DictConfig, max_new_tokens: int | None = None) -> DatasetEval:
             limit = limits.get(name, cfg.max_eval_samples)
-            return DatasetEval(name, node, limit, int(max_new_tokens or node.max_new_tokens))
+            return DatasetEval(
+                name, node, limit, int(max_new_tokens or node.max_new_tokens), scorers.get(name)
+            )
 
         target = entry(cfg.dataset.name, cfg.dataset, ev.max_new_tokens)
         others = [entry(n, dataset_config(n)) for n in (cfg.eval_datasets or []) if n != target.name]
+        unknown = sorted(set(scorers) - {target.name, *(d.name for d in others)})
+        if unknown:
+            raise ValueError(
+                f"eval.scoring_by_dataset names {unknown}, which are not evaluated "
+                f"(the target {target.name!r} and eval_datasets {list(cfg.eval_datasets or [])})"
+            )
         return cls(
             datasets=[target, *others],
             data_dir=cfg.data_dir,
@@ -115,6 +132,7 @@ class EvalSettings:
             autocast=ev.get("autocast"),
             scoring=ev.get("scoring") or "generate",
             aliases=ev.get("aliases") or "first",
+            answer_eos=bool(ev.get("answer_eos", True)),
             compare_base=bool(ev.compare_base),
             original_cache=ev.get("original_cache"),
             backbone=OmegaConf.to_container(cfg.backbone, resolve=True),  # type: ignore[arg-type]
@@ -129,6 +147,8 @@ class EvalSettings:
             node = dataset_config(name)
             if cfg.get("source"):
                 node.source = cfg.source
+            if cfg.get("split"):  # e.g. a held-out slice of the training split: split='train[:200]'
+                node.eval_split = cfg.split
             datasets.append(
                 DatasetEval(name, node, cfg.limit, int(cfg.max_new_tokens or node.max_new_tokens))
             )
@@ -142,6 +162,7 @@ class EvalSettings:
             autocast=cfg.get("autocast"),
             scoring=cfg.get("scoring") or "generate",
             aliases=cfg.get("aliases") or "first",
+            answer_eos=bool(cfg.get("answer_eos", True)),
         )
 
 
@@ -191,6 +212,7 @@ def score_by_likelihood(
         streams=streams,
         choice=str(ds.config.metric).startswith("yes_no"),
         aliases=settings.aliases,
+        with_eos=settings.answer_eos,
         batch_size=settings.batch_size,
         max_input_length=settings.max_input_length,
         max_output_length=settings.max_output_length,
@@ -232,17 +254,19 @@ def score_dataset(
     split = ds.config.eval_split
     examples = load_split(ds.config, settings.data_dir, split, ds.limit)
     start = time.perf_counter()
-    scorer = SCORERS[settings.scoring]
+    scoring = ds.scoring or settings.scoring
+    scorer = SCORERS[scoring]
     metrics, rows = scorer(model, tokenizer, examples, ds, settings, streams, f"eval {ds.name} ({streams})")
     info = {
         "dataset": ds.name,
         "split": split,
         "source": ds.config.get("source") or "raw",
         "metric": ds.config.metric,
-        "scoring": settings.scoring,
+        "scoring": scoring,
         "streams": streams,
         "limit": ds.limit,
         "autocast": settings.autocast,
+        **({} if scoring == "generate" else {"answer_eos": settings.answer_eos}),
         "seconds": round(time.perf_counter() - start, 2),
         "metrics": metrics,
     }
@@ -270,8 +294,11 @@ def cached_original(settings: EvalSettings, ds: DatasetEval, compute: Callable[[
         "max_input_length": settings.max_input_length,
         "chat_template": settings.chat_template,
     }
-    if settings.scoring != "generate":  # keeps the keys (and so the caches) of earlier generation-only sweeps
-        key["scoring"], key["aliases"] = settings.scoring, settings.aliases
+    scoring = ds.scoring or settings.scoring
+    if scoring != "generate":  # keeps the keys (and so the caches) of earlier generation-only sweeps
+        key["scoring"], key["aliases"] = scoring, settings.aliases
+        if not settings.answer_eos:  # keeps the keys of earlier likelihood sweeps (all with EOS)
+            key["answer_eos"] = False
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = Path(settings.original_cache) / f"{settings.backbone.get('name')}_{ds.name}_{digest}.json"
     if path.exists():
@@ -342,3 +369,39 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
             cells.append("-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v))
         lines.append(f"{name:<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
     return "\n".join(lines)
+
+
+class EvaluateAtSteps(TrainerCallback):
+    """Likelihood scoring of every evaluation set after the given optimizer steps: a run's forgetting curve.
+
+    Writes ``<out_dir>/step-<N>/<name>/{metrics.json, predictions.jsonl}``. Scoring runs in eval mode without
+    gradients and draws no random numbers, so the training that follows is the one a run without it would do
+    (tests/test_evaluation_steps.py). The main process scores; under DDP the other ranks wait at the next step.
+    """
+
+    def __init__(
+        self,
+        model: IMSMModel,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: EvalSettings,
+        steps: list[int],
+        out_dir: str | Path,
+    ):
+        bad = [s for s in steps if not isinstance(s, int) or isinstance(s, bool) or s < 1]
+        if bad:
+            raise ValueError(f"eval.at_steps must list optimizer steps >= 1; got {bad}")
+        self.model, self.tokenizer, self.steps, self.out_dir = model, tokenizer, set(steps), Path(out_dir)
+        per_dataset_default = [replace(d, scoring=None) for d in settings.datasets]
+        self.settings = replace(
+            settings, datasets=per_dataset_default, scoring="likelihood", compare_base=False
+        )
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
+        if state.global_step not in self.steps or not state.is_world_process_zero:
+            return
+        was_training = self.model.training
+        log.info("step %d: likelihood scoring of %d sets", state.global_step, len(self.settings.datasets))
+        evaluate_datasets(
+            self.model, self.tokenizer, self.settings, self.out_dir / f"step-{state.global_step}"
+        )
+        self.model.train(was_training)

@@ -215,18 +215,22 @@ def likelihood_scores(
     streams: str = "imsm",
     choice: bool = False,
     aliases: str = "first",
+    with_eos: bool = True,
     **options: Any,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score ``examples`` by likelihood; returns (metrics: ``likelihood`` [+ ``choice``] [+ ``gate``], rows).
 
     ``aliases``: ``first`` scores each example's target (one pass), ``best`` every gold alias, keeping the one the
-    frozen model finds most probable (one pass per alias). ``options`` go to ``teacher_forced`` (batch size,
+    frozen model finds most probable (one pass per alias). ``with_eos``: the answer's NLL includes the EOS that ends
+    it (as in training) or covers the answer's own tokens only. ``options`` go to ``teacher_forced`` (batch size,
     lengths, chat template, autocast, desc).
     """
     candidates = [answer_candidates(e, aliases) for e in examples]
     pairs = [(e.prompt, a) for e, answers in zip(examples, candidates, strict=True) for a in answers]
     same_pass = single_token_choices(tokenizer, examples) if choice else None
-    scored = teacher_forced(model, tokenizer, pairs, streams=streams, choice_ids=same_pass, **options)
+    scored = teacher_forced(
+        model, tokenizer, pairs, streams=streams, choice_ids=same_pass, with_eos=with_eos, **options
+    )
     rows, chosen, k = [], [], 0
     for e, answers in zip(examples, candidates, strict=True):
         group = scored[k : k + len(answers)]

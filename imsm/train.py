@@ -31,7 +31,14 @@ from imsm import CONF_DIR, tracking
 from imsm.data import load_split
 from imsm.data.collate import TokenizedDataset, TrainCollator
 from imsm.distributed import agree_run_dir, leave_zero3, strip_local_rank_arg, zero3_enabled
-from imsm.evaluation import MODEL_DIR, EvalResult, EvalSettings, evaluate_datasets
+from imsm.evaluation import (
+    MODEL_DIR,
+    STEPS_DIR,
+    EvalResult,
+    EvalSettings,
+    EvaluateAtSteps,
+    evaluate_datasets,
+)
 from imsm.model.adalora import training_steps
 from imsm.model.build import build_model, load_model, save_model
 from imsm.model.siamese import IMSMModel
@@ -85,7 +92,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         data_collator=TrainCollator(tokenizer.pad_token_id),
         gate_learning_rate=cfg.gate.get("lr"),
         run_config=cfg,
-        callbacks=tracking.trainer_callbacks(tracker),
+        callbacks=tracking.trainer_callbacks(tracker)
+        + step_evaluation(cfg, model, tokenizer, evaluation, run_dir),
     )
     main_process = trainer.is_world_process_zero()
     # resume=auto: the same command re-run in the same run_dir continues from its last complete checkpoint
@@ -127,6 +135,18 @@ def optimizer_steps(n_examples: int, args: Any, world: int) -> int:
     """The run's optimizer steps, known before the model exists (AdaLoRA's rank schedule is built from it)."""
     batch, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
     return training_steps(n_examples, batch, accumulation, args.num_train_epochs, world, args.max_steps)
+
+
+def step_evaluation(
+    cfg: DictConfig, model: IMSMModel, tokenizer: Any, settings: EvalSettings, run_dir: Path
+) -> list[EvaluateAtSteps]:
+    """``eval.at_steps``: likelihood scoring during training (``imsm.evaluation.EvaluateAtSteps``), or nothing."""
+    steps = list(cfg.eval.get("at_steps") or [])
+    if not steps or not cfg.eval.enabled:
+        return []
+    if zero3_enabled():  # the weights are sharded over the ranks: rank 0 alone cannot run a forward
+        raise ValueError("eval.at_steps is not supported under DeepSpeed ZeRO-3; evaluate saved checkpoints")
+    return [EvaluateAtSteps(model, tokenizer, settings, steps, run_dir / STEPS_DIR)]
 
 
 def save_trained(trainer: IMSMTrainer, model: IMSMModel, cfg: DictConfig, run_dir: Path) -> IMSMModel:

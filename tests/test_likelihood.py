@@ -97,6 +97,22 @@ def test_base_stream_scores_the_frozen_model_alone():
         assert len(m.gate) == m.tokens
 
 
+def test_without_eos_the_answer_tokens_alone_are_scored():
+    """``with_eos=False`` (``eval.answer_eos=false``) drops the closing EOS's term and nothing else."""
+    model = make_imsm("query_aware")
+    tok = _ToyTokenizer()
+    examples = [Example("a b c", "d e"), Example("c d", "e")]
+    _, with_eos = likelihood_scores(model, tok, examples)
+    _, without = likelihood_scores(model, tok, examples, with_eos=False)
+    pairs = [(e.prompt, e.target) for e in examples]
+    full, cut = teacher_forced(model, tok, pairs), teacher_forced(model, tok, pairs, with_eos=False)
+    for w, wo, f, c in zip(with_eos, without, full, cut, strict=True):
+        assert wo["answer_tokens"] == w["answer_tokens"] - 1
+        assert c.gate == pytest.approx(f.gate[:-1], rel=1e-5)  # the same positions, the EOS one dropped
+        assert c.nll_frozen < f.nll_frozen and wo["nll_total"] == pytest.approx(c.nll, rel=1e-6)
+        assert wo["p_eos_first"] == pytest.approx(w["p_eos_first"], rel=1e-5)
+
+
 def test_the_alias_the_frozen_model_finds_most_probable_is_scored():
     model = make_imsm("query_aware")
     tok = _ToyTokenizer()
