@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("IMSM_DATA_DIR") or REPO.parent / "shared" / "data")
 
 
-def tiny_llama(vocab: int = 97, hidden: int = 32, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(vocab: int = 97, hidden: int = 32, seed: int = 0, **config) -> LlamaForCausalLM:
+    """A random 2-layer Llama with tied embeddings; ``config``: more ``LlamaConfig`` fields (e.g. attention_bias)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab,
@@ -29,6 +30,7 @@ def tiny_llama(vocab: int = 97, hidden: int = 32, seed: int = 0) -> LlamaForCaus
         max_position_embeddings=256,
         tie_word_embeddings=True,
         pad_token_id=0,
+        **config,
     )
     return LlamaForCausalLM(cfg).eval()
 

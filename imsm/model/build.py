@@ -20,8 +20,9 @@ from imsm.backbones import load_backbone
 from imsm.model.adalora import adalora_schedule, freeze_ranknum
 from imsm.model.adapters import AdapterModel, adapter_kind, peft_type_of
 from imsm.model.checkpoint import ADAPTER_DIR, GATE_CONFIG, GATE_WEIGHTS, RUN_CONFIG
-from imsm.model.families import prepare_backbone
+from imsm.model.families import family_of, prepare_backbone
 from imsm.model.gate import gate_from_config
+from imsm.model.guard import check_adapter, fingerprints
 from imsm.model.loramoe import LoRAMoEConfig
 from imsm.model.siamese import IMSMModel
 
@@ -129,8 +130,13 @@ def wrap_backbone(backbone: PreTrainedModel, cfg: DictConfig, total_steps: int |
     prepare_backbone(backbone)
     for p in backbone.parameters():
         p.requires_grad_(False)
-    peft_model = attach_adapter(backbone, build_peft_config(cfg.peft, cfg.backbone, total_steps))
+    config = build_peft_config(cfg.peft, cfg.backbone, total_steps)
+    before = fingerprints(
+        backbone
+    )  # attaching must leave the pretrained weights as they are (imsm.model.guard)
+    peft_model = attach_adapter(backbone, config)
     freeze_ranknum(peft_model)
+    check_adapter(peft_model, config, before, head_of=lambda: family_of(backbone).head(backbone))
     gate = gate_from_config(cfg.gate, backbone.config.hidden_size)
     if gate is not None:
         gate.to(device=next(backbone.parameters()).device, dtype=torch.float32)

@@ -33,7 +33,27 @@ def can_fuse_streams(peft_model: AdapterModel, family: Family) -> bool:
         and config.peft_type.value == "LORA"
         and not getattr(config, "use_dora", False)
         and hasattr(peft_model.base_model, "_enable_peft_forward_hooks")
+        and only_plain_lora_linears(peft_model)
     )
+
+
+def only_plain_lora_linears(peft_model: AdapterModel) -> bool:
+    """True when every adapted module is a plain ``lora.Linear`` of the active adapter (no variant such as DoRA).
+
+    Fusion is exact only for those (``adapter_on_second_half``). A LoRA embedding, a ``modules_to_save`` copy or
+    trainable tokens would run on the frozen half too, so one such module sends the whole model to two passes.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    active = peft_model.active_adapter
+    for m in peft_model.modules():
+        if isinstance(m, AuxiliaryTrainingWrapper):
+            return False
+        if isinstance(m, BaseTunerLayer) and (type(m) is not LoraLinear or active in m.lora_variant):
+            return False
+    return True
 
 
 @contextlib.contextmanager

@@ -97,8 +97,11 @@ class LowRankGate(nn.Module):
                 bq = bq.unsqueeze(-2).expand_as(base_hidden)
                 tq = tq.unsqueeze(-2).expand_as(tuned_hidden)
             parts = [bq, base_hidden, tuned_hidden, tq]  # the paper's order: [q_M, h_M, h_M', q_M']
-        x = torch.cat(parts, dim=-1).to(self.down.weight.dtype)
-        return torch.sigmoid(self.dropout(self.up(self.dropout(self.down(x)))))
+        # the gate's own precision (fp32) even under autocast (eval.autocast, trainer bf16), which would run its
+        # matmuls in bf16 and move g by up to ~1e-2 on the same inputs
+        with torch.autocast(base_hidden.device.type, enabled=False):
+            x = torch.cat(parts, dim=-1).to(self.down.weight.dtype)
+            return torch.sigmoid(self.dropout(self.up(self.dropout(self.down(x)))))
 
 
 class FixedGate(nn.Module):
