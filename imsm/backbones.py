@@ -133,6 +133,20 @@ def _tiny_model(cfg: Any, vocab_size: int, dtype: torch.dtype) -> PreTrainedMode
     return model
 
 
+def local_path(cfg: Any) -> Path | str:
+    """``backbone.name_or_path``; one written as a path (``/``, ``.``, ``~``) must exist, named in the error."""
+    value = str(cfg.name_or_path)
+    if value.startswith(("/", ".", "~")):
+        path = Path(value).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"backbone {cfg.name}: backbone.name_or_path={value!r} does not exist (a local directory was "
+                "expected: the model's config.json and weights)"
+            )
+        return path
+    return value
+
+
 def load_backbone(
     cfg: Any, device: str | torch.device | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -146,7 +160,7 @@ def load_backbone(
         log.warning("backbone %s runs remote code from its repository (trust_remote_code=true)", cfg.name)
     source = cfg.source
     if source == "smollm2":
-        path = Path(cfg.name_or_path) if cfg.get("name_or_path") else prepare_smollm2()
+        path = local_path(cfg) if cfg.get("name_or_path") else prepare_smollm2()
         tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     elif source == "hub":
@@ -154,8 +168,18 @@ def load_backbone(
             raise ValueError(
                 f"backbone {cfg.name}: set backbone.name_or_path to a hub id or a local directory"
             )
-        tokenizer = load_tokenizer(cfg.get("tokenizer") or cfg.name_or_path, trust_remote_code=trust)
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, trust_remote_code=trust)
+        local_path(cfg)
+        try:
+            tokenizer = load_tokenizer(cfg.get("tokenizer") or cfg.name_or_path, trust_remote_code=trust)
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.name_or_path, dtype=dtype, trust_remote_code=trust
+            )
+        except (OSError, ValueError) as e:  # offline hub ids, bad ids, incomplete directories
+            raise OSError(
+                f"backbone {cfg.name}: could not load {cfg.name_or_path!r} (backbone.name_or_path): "
+                f"{type(e).__name__}: {e}\nWithout internet access, point backbone.name_or_path at a local copy "
+                "of the model (a directory with config.json and the weights)."
+            ) from e
     elif source == "tiny":
         tok_path = cfg.get("tokenizer") or prepare_smollm2()
         tokenizer = load_tokenizer(tok_path)

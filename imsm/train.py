@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from imsm import CONF_DIR, tracking
+from imsm.checks import check_run_config
 from imsm.data import load_split
 from imsm.data.collate import TokenizedDataset, TrainCollator
 from imsm.distributed import agree_run_dir, leave_zero3, strip_local_rank_arg, zero3_enabled
@@ -63,6 +64,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         return speed_run(cfg, resolve_run_dir(cfg), run_record(cfg).to_dict())
     wall_start = time.perf_counter()
+    check_run_config(cfg)  # out-of-range settings, all named at once, before any work
     evaluation = EvalSettings.from_train_config(
         cfg
     )  # every dataset, split and scorer checked before training

@@ -1,0 +1,87 @@
+"""Settings that used to give a silently wrong run, or a deep torch error, are named before any work (issue 18)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import compose_train, tiny_overrides, write_gsm
+from omegaconf import OmegaConf
+
+from imsm.backbones import load_backbone
+from imsm.train import train
+
+BAD = [
+    ("max_train_samples=0", "max_train_samples=0"),  # used to train on the whole split
+    ("max_train_samples=-3", "max_train_samples=-3"),  # used to drop the last three examples
+    ("max_eval_samples=0", "max_eval_samples=0"),
+    ("max_output_length=0", "max_output_length=0"),  # used to keep all but the last target token
+    ("gate.rank=0", "gate.rank=0"),  # used to train a zero-parameter "IMSM" gate that could not be reloaded
+    ("gate.rank=-3", "gate.rank=-3"),  # used to fail inside torch
+    ("trainer.args.per_device_train_batch_size=0", "per_device_train_batch_size=0"),  # ZeroDivisionError
+    ("eval.batch_size=0", "eval.batch_size=0"),
+    ("eval.limits={webq:0}", "eval.limits.webq=0"),
+    ("trainer.args.max_steps=-1 trainer.args.num_train_epochs=0", "nothing to train"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD, ids=[b[0] for b in BAD])
+def test_out_of_range_settings_are_named_before_any_work(tmp_path, overrides, message):
+    cfg = compose_train([*tiny_overrides(tmp_path / "run", write_gsm(tmp_path / "data")), *overrides.split()])
+    with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("[", r"\[")):
+        train(cfg)
+    assert not (tmp_path / "run").exists()  # nothing written, nothing loaded
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    cfg = compose_train(
+        [
+            *tiny_overrides(tmp_path / "run", write_gsm(tmp_path / "data")),
+            "max_train_samples=0",
+            "gate.rank=0",
+        ]
+    )
+    with pytest.raises(ValueError, match=r"(?s)max_train_samples=0.*gate.rank=0"):
+        train(cfg)
+
+
+def test_a_rank_is_not_required_of_gates_without_weights(tmp_path):
+    from imsm.checks import check_run_config
+
+    for gate in ("fixed", "none"):  # their files carry rank 0 (unused)
+        check_run_config(compose_train([*tiny_overrides(tmp_path / "run", tmp_path, gate=gate)]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid where a GPU is visible")
+def test_fp16_without_a_gpu_is_refused_not_run_in_fp32(tmp_path):
+    cfg = compose_train(
+        [*tiny_overrides(tmp_path / "run", write_gsm(tmp_path / "data")), "trainer.args.fp16=true"]
+    )
+    with pytest.raises(ValueError, match="trainer.args.fp16=true: fp16 mixed precision needs a CUDA GPU"):
+        train(cfg)
+
+
+def test_a_missing_local_backbone_directory_is_named(tmp_path):
+    node = OmegaConf.create(
+        {
+            "name": "llama3",
+            "source": "hub",
+            "name_or_path": str(tmp_path / "nope"),
+            "dtype": "fp32",
+            "device": "cpu",
+        }
+    )
+    with pytest.raises(FileNotFoundError, match=r"backbone.name_or_path='.*nope' does not exist"):
+        load_backbone(node)
+
+
+def test_an_unloadable_hub_id_names_the_backbone_and_the_setting(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read once, at import
+    node = OmegaConf.create(
+        {"name": "llama3", "source": "hub", "name_or_path": "no-such-org/no-such-model", "dtype": "fp32"}
+    )
+    with pytest.raises(
+        OSError,
+        match=r"backbone llama3: could not load 'no-such-org/no-such-model' \(backbone.name_or_path\)",
+    ):
+        load_backbone(node)
