@@ -13,6 +13,7 @@ sweep goes on and ``imsm.report`` shows the cell as failed; a single run exits n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 # Hydra overrides that say where a job runs, not what it computes: never a reason to put runs in separate rows.
 NOT_CHOICES = ("run_dir", "data_dir", "resume", "eval.original_cache", "experiment")
+RECORDED = "_imsm_record_written"  # set on an exception whose failed record is already in metrics.json
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -110,8 +112,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = save_trained(trainer, model, cfg, run_dir)
     result = EvalResult()
     if cfg.eval.enabled and main_process:
-        with explain_oom(cfg, "eval"):
-            result = evaluate_datasets(model, tokenizer, evaluation, run_dir / MODEL_DIR)
+        try:
+            with explain_oom(cfg, "eval"):
+                result = evaluate_datasets(model, tokenizer, evaluation, run_dir / MODEL_DIR)
+        except Exception as e:  # the failed record keeps what training computed (loss, steps, times)
+            record_failure(cfg, e, time.perf_counter() - wall_start, record)
+            raise
     add_evaluation(record, cfg, result)
     record.wall_seconds = time.perf_counter() - wall_start
     if main_process:
@@ -254,17 +260,28 @@ def summary_table(record: RunRecord) -> str:
     return "\n".join(lines)
 
 
-def record_failure(cfg: DictConfig, error: BaseException, wall_seconds: float) -> None:
-    """``metrics.json`` of a failed job: its choices, the error and the traceback."""
-    try:
-        record = run_record(cfg)
-        record.status = "failed"
-    except Exception as e:  # a config broken enough to fail here still gets its error written
-        record = RunRecord(status="failed", run_dir=str(cfg.run_dir), record_error=repr(e))
+def record_failure(
+    cfg: DictConfig, error: BaseException, wall_seconds: float, record: RunRecord | None = None
+) -> None:
+    """``metrics.json`` of a failed job: its choices, the error and the traceback.
+
+    ``record``: what the job already computed (e.g. training's loss and times when evaluation fails), kept. The error
+    is marked as recorded, so the entry point does not overwrite this record with an emptier one.
+    """
+    if getattr(error, RECORDED, False):
+        return
+    if record is None:
+        try:
+            record = run_record(cfg)
+        except Exception as e:  # a config broken enough to fail here still gets its error written
+            record = RunRecord(status="failed", run_dir=str(cfg.run_dir), record_error=repr(e))
+    record.status = "failed"
     record.error = f"{type(error).__name__}: {error}"
     record.traceback = "".join(traceback.format_exception(error))
     record.wall_seconds = wall_seconds
-    write_record(cfg.run_dir, record)
+    write_record(record.run_dir or cfg.run_dir, record)
+    with contextlib.suppress(AttributeError):  # a few built-in exceptions take no attributes
+        setattr(error, RECORDED, True)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")

@@ -85,3 +85,24 @@ def test_an_unloadable_hub_id_names_the_backbone_and_the_setting(monkeypatch):
         match=r"backbone llama3: could not load 'no-such-org/no-such-model' \(backbone.name_or_path\)",
     ):
         load_backbone(node)
+
+
+def test_an_evaluation_failure_keeps_what_training_computed(tmp_path, monkeypatch):
+    """The failed record keeps the loss, steps and times; the entry point's handler does not overwrite it."""
+    import json
+
+    import imsm.train as train_module
+    from imsm.train import record_failure
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full while writing predictions")
+
+    monkeypatch.setattr(train_module, "evaluate_datasets", broken)
+    cfg = compose_train(tiny_overrides(tmp_path / "run", write_gsm(tmp_path / "data")))
+    with pytest.raises(RuntimeError, match="disk full") as caught:
+        train(cfg)
+    record_failure(cfg, caught.value, 1.0)  # what hydra_main does next
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["status"] == "failed" and "disk full" in record["error"]
+    assert record["global_steps"] == 2 and record["train_loss"] > 0 and record["train_seconds"] > 0
+    assert (tmp_path / "run" / "gate.safetensors").exists()  # the trained model was saved before evaluating
