@@ -50,7 +50,10 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     if cfg.model == "base":
         (model, tokenizer), streams = base_model(cfg.backbone), "base"
     else:
-        (model, tokenizer), streams = load_model(cfg.run_dir), cfg.streams
+        (model, tokenizer), streams = (
+            load_model(cfg.run_dir, trust_remote_code=bool(cfg.get("trust_remote_code"))),
+            cfg.streams,
+        )
     out_dir = cfg.get("out_dir") or HydraConfig.get().runtime.output_dir
     results = evaluate_datasets(model, tokenizer, settings, out_dir, streams).model
     label = "base model" if cfg.model == "base" else f"{cfg.run_dir} (streams={streams})"

@@ -236,7 +236,9 @@ def inspect_run(cfg: DictConfig) -> dict[str, Any]:
     """
     run_dir = Path(cfg.run_dir)
     refuse_without_gate(run_dir)
-    model, tokenizer = IMSMModel.from_pretrained(run_dir, device=cfg.get("device"))
+    model, tokenizer = IMSMModel.from_pretrained(
+        run_dir, device=cfg.get("device"), trust_remote_code=bool(cfg.get("trust_remote_code"))
+    )
     if model.gate is None:
         raise NoGateError(no_gate_message(run_dir, "its loaded model has no gate module"))
     run_cfg = OmegaConf.load(run_dir / RUN_CONFIG)

@@ -171,7 +171,8 @@ def save_trained(trainer: IMSMTrainer, model: IMSMModel, cfg: DictConfig, run_di
     if zero3_enabled():
         leave_zero3()
         if main_process and cfg.eval.enabled:
-            model, _ = load_model(run_dir)
+            # the run this command just trained, with the user's own config: its remote-code choice stands
+            model, _ = load_model(run_dir, trust_remote_code=bool(cfg.backbone.get("trust_remote_code")))
     return model
 
 

@@ -106,3 +106,20 @@ def test_an_evaluation_failure_keeps_what_training_computed(tmp_path, monkeypatc
     assert record["status"] == "failed" and "disk full" in record["error"]
     assert record["global_steps"] == 2 and record["train_loss"] > 0 and record["train_seconds"] > 0
     assert (tmp_path / "run" / "gate.safetensors").exists()  # the trained model was saved before evaluating
+
+
+def test_a_saved_run_asking_for_remote_code_is_refused_unless_the_caller_asks(tmp_path, tiny_run):
+    """A run directory someone sent must not run code: ``backbone.trust_remote_code`` in its config is refused."""
+    import shutil
+
+    from imsm.model.build import load_model
+
+    run = tmp_path / "sent"
+    shutil.copytree(tiny_run[0], run)
+    config = OmegaConf.load(run / "config.yaml")
+    config.backbone.trust_remote_code = True
+    OmegaConf.save(config, run / "config.yaml")
+    with pytest.raises(PermissionError, match=r"config.yaml sets backbone.trust_remote_code: true"):
+        load_model(run, device="cpu")
+    model, _ = load_model(run, device="cpu", trust_remote_code=True)  # asked for on the caller's own terms
+    assert model.gate is not None

@@ -159,6 +159,8 @@ def save_model(model: IMSMModel, run_dir: str | Path, cfg: DictConfig | None = N
     model.save_pretrained(run_dir, cfg)
 
 
-def load_model(run_dir: str | Path, device: str | None = None) -> tuple[IMSMModel, PreTrainedTokenizerBase]:
-    """``IMSMModel.from_pretrained(run_dir, device)``: the saved run's model (eval mode) and tokenizer."""
-    return IMSMModel.from_pretrained(run_dir, device=device)
+def load_model(
+    run_dir: str | Path, device: str | None = None, trust_remote_code: bool = False
+) -> tuple[IMSMModel, PreTrainedTokenizerBase]:
+    """``IMSMModel.from_pretrained(run_dir, device, trust_remote_code)``: the saved run's model and tokenizer."""
+    return IMSMModel.from_pretrained(run_dir, device=device, trust_remote_code=trust_remote_code)

@@ -80,11 +80,18 @@ def save_run(model: IMSMModel, run_dir: str | Path, cfg: DictConfig | None = Non
         write_text_atomic(run_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def load_run(run_dir: str | Path, device: str | None = None) -> tuple[IMSMModel, PreTrainedTokenizerBase]:
+def load_run(
+    run_dir: str | Path, device: str | None = None, trust_remote_code: bool = False
+) -> tuple[IMSMModel, PreTrainedTokenizerBase]:
     """Rebuild a saved run in eval mode: backbone from its config, the adapter by its kind, the gate's weights.
+
+    A run's ``config.yaml`` may ask for the backbone's own Python code (``backbone.trust_remote_code: true``, e.g.
+    ChatGLM3). Loading a directory someone sent must not run code unless the caller asks: that config is refused
+    unless ``trust_remote_code=True`` is passed here (``imsm.evaluate ... trust_remote_code=true``).
 
     Raises:
         FileNotFoundError: ``run_dir`` lacks one of ``config.yaml``, ``gate.json``, ``adapter/``.
+        PermissionError: the run's config asks for remote code and ``trust_remote_code`` is False.
     """
     run_dir = Path(run_dir)
     for needed in (RUN_CONFIG, GATE_CONFIG, ADAPTER_DIR):
@@ -94,6 +101,12 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[IMSMModel,
                 f"(a run holds {RUN_CONFIG}, {GATE_CONFIG}, {ADAPTER_DIR}/)"
             )
     cfg = OmegaConf.load(run_dir / RUN_CONFIG)
+    if cfg.backbone.get("trust_remote_code") and not trust_remote_code:
+        raise PermissionError(
+            f"{run_dir / RUN_CONFIG} sets backbone.trust_remote_code: true: loading it would run Python code from "
+            f"{cfg.backbone.get('name_or_path')!r}. If you trust this run and that model, ask for it yourself: "
+            "load_model(run_dir, trust_remote_code=True), or imsm.evaluate / imsm.inspect ... trust_remote_code=true"
+        )
     backbone, tokenizer = load_backbone(cfg.backbone, device=device)
     adapter_dir = run_dir / ADAPTER_DIR
     peft_model = adapter_kind(saved_peft_type(adapter_dir)).load(prepare_backbone(backbone), adapter_dir)

@@ -309,17 +309,18 @@ class IMSMModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, run_dir: str | Path, device: str | None = None
+        cls, run_dir: str | Path, device: str | None = None, trust_remote_code: bool = False
     ) -> tuple[IMSMModel, PreTrainedTokenizerBase]:
         """Rebuild a saved run (eval mode) and its tokenizer: backbone from ``config.yaml``, adapter, gate weights.
 
         Args:
             run_dir: a directory written by ``save_pretrained`` with a config.
             device: where to load the backbone; None: the backbone file's default.
+            trust_remote_code: allow a run whose config sets ``backbone.trust_remote_code`` (refused otherwise).
         """
         from imsm.model.checkpoint import load_run
 
-        return load_run(run_dir, device=device)
+        return load_run(run_dir, device=device, trust_remote_code=trust_remote_code)
 
     # --- bookkeeping --------------------------------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, int]:
