@@ -54,6 +54,7 @@ def test_only_the_main_process_logs(monkeypatch, tmp_path):
     assert tracking.start(compose_train(["logger=none"]), tmp_path) is None
 
 
+@pytest.mark.slow  # ~17 s (a tiny training run + wandb's offline writer); .ci/run runs the slow tests too
 def test_offline_run_is_written_and_reads_back(tmp_path, gsm_dir, no_wandb_account):
     run_dir = tmp_path / "run"
     cfg = compose_train(
