@@ -97,6 +97,10 @@ class EvalSettings:
         if len(set(names)) != len(names):
             raise ValueError(f"a dataset is listed twice for evaluation: {names}")
 
+    def scoring_of(self, ds: DatasetEval) -> str:
+        """The scorer of ``ds``: its own (``eval.scoring_by_dataset``) or the settings' ``scoring``."""
+        return ds.scoring or self.scoring
+
     @classmethod
     def from_train_config(cls, cfg: DictConfig) -> EvalSettings:
         """The target (``cfg.dataset``, as overridden) then ``cfg.eval_datasets``; limits from ``eval.limits``.
@@ -254,7 +258,7 @@ def score_dataset(
     split = ds.config.eval_split
     examples = load_split(ds.config, settings.data_dir, split, ds.limit)
     start = time.perf_counter()
-    scoring = ds.scoring or settings.scoring
+    scoring = settings.scoring_of(ds)
     scorer = SCORERS[scoring]
     metrics, rows = scorer(model, tokenizer, examples, ds, settings, streams, f"eval {ds.name} ({streams})")
     info = {
@@ -294,7 +298,7 @@ def cached_original(settings: EvalSettings, ds: DatasetEval, compute: Callable[[
         "max_input_length": settings.max_input_length,
         "chat_template": settings.chat_template,
     }
-    scoring = ds.scoring or settings.scoring
+    scoring = settings.scoring_of(ds)
     if scoring != "generate":  # keeps the keys (and so the caches) of earlier generation-only sweeps
         key["scoring"], key["aliases"] = scoring, settings.aliases
         if not settings.answer_eos:  # keeps the keys of earlier likelihood sweeps (all with EOS)

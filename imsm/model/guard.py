@@ -39,14 +39,23 @@ def fingerprints(model: nn.Module) -> dict[int, tuple[nn.Parameter, torch.Tensor
     A sample, not a copy: a 7B backbone would otherwise need its weights twice. Parameters with no storage here
     (the meta device of a dry run, ZeRO-3 partitions) are skipped.
     """
-    out = {}
-    for p in model.parameters():
-        if p.device.type == "meta" or p.numel() == 0:
-            continue
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
-        out[id(p)] = (p, flat[::step].clone())
-    return out
+    return {id(p): (p, _sample(p).clone()) for p in model.parameters() if _materialised(p)}
+
+
+def _materialised(p: torch.Tensor) -> bool:
+    return p.device.type != "meta" and p.numel() > 0
+
+
+def _sample(p: torch.Tensor) -> torch.Tensor:
+    """About ``FINGERPRINT_SAMPLES`` evenly strided values of ``p``."""
+    flat = p.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)]
+
+
+def backbone_parameters_that_train(model: nn.Module, adapters: set[str]) -> list[str]:
+    """Names of ``model``'s trainable parameters that belong to no adapter (peft keys each adapter's parameters by
+    its name: ``lora_A.default.weight``, ``modules_to_save.default.weight``)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and not _is_adapter_param(n, adapters)]
 
 
 def check_adapter(
@@ -64,7 +73,6 @@ def check_adapter(
 
 
 def _is_adapter_param(name: str, adapters: set[str]) -> bool:
-    """peft keeps every adapter's parameters under a key named after the adapter (``lora_A.default.weight``)."""
     parts = name.split(".")
     return any(a in parts for a in adapters)
 
@@ -107,7 +115,7 @@ def _check_head(base: nn.Module, config: Any, head_of: Callable[[], nn.Module]) 
 
 
 def _check_base_frozen(base: nn.Module, config: Any, adapters: set[str]) -> None:
-    trains = [n for n, p in base.named_parameters() if p.requires_grad and not _is_adapter_param(n, adapters)]
+    trains = backbone_parameters_that_train(base, adapters)
     if trains:
         option = _option(config, "bias") if any(n.endswith("bias") for n in trains) else "this peft config"
         raise ValueError(
@@ -124,15 +132,12 @@ def _check_base_unchanged(
         return
     changed = []
     for name, p in base.named_parameters():
-        if _is_adapter_param(name, adapters) or p.device.type == "meta" or p.numel() == 0:
+        if _is_adapter_param(name, adapters) or not _materialised(p):
             continue
-        entry = before.get(id(p))
-        if entry is None:  # a new tensor where a base weight was: the module's weight was replaced
-            changed.append(name)
-            continue
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
-        if not torch.equal(flat[::step], entry[1]):
+        entry = before.get(
+            id(p)
+        )  # None: a new tensor where a base weight was (the module's weight was replaced)
+        if entry is None or not torch.equal(_sample(p), entry[1]):
             changed.append(name)
     if changed:
         init = getattr(config, "init_lora_weights", None)

@@ -31,6 +31,7 @@ from imsm.model.adapters import AdapterModel
 from imsm.model.families import Family, family_of
 from imsm.model.fusion import adapter_on_second_half, can_fuse_streams
 from imsm.model.gate import FixedGate, LowRankGate
+from imsm.model.guard import backbone_parameters_that_train
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -331,12 +332,7 @@ class IMSMModel(nn.Module):
 
     def check_trainable(self) -> None:
         """Assert that only adapter and gate parameters train (the backbone and the head stay frozen)."""
-        names = set(self.peft_model.peft_config)
-        wrong = [
-            n
-            for n, p in self.peft_model.named_parameters()
-            if p.requires_grad and not any(f".{a}." in n or n.endswith(f".{a}") for a in names)
-        ]
+        wrong = backbone_parameters_that_train(self.peft_model, set(self.peft_model.peft_config))
         if wrong:
             raise AssertionError(f"backbone parameters would train (only adapter and gate may): {wrong[:5]}")
         if self.gate is not None and not isinstance(self.gate, (LowRankGate, FixedGate)):

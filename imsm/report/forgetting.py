@@ -243,6 +243,7 @@ def analyse(root: Path) -> dict[str, Any]:
     summary["secondary"] = secondary_contrasts(points)
     summary["by_knowledge"] = by_knowledge({**points, "vanilla@20": early})
     summary["_points"] = {"final": points, "early": early}  # for the tables and figures; not written
+    summary["_runs"] = runs
     return summary
 
 
@@ -585,9 +586,8 @@ def figures(summary: dict[str, Any], out_dir: Path) -> None:
 
 def write_files(summary: dict[str, Any], root: Path, out_dir: Path) -> None:
     """summary.json, per_question.csv and each run's metrics.json files under ``out_dir/runs/<arm>/s<seed>/``."""
-    points = summary.pop("_points")
-    write_json(out_dir / "summary.json", summary)
-    summary["_points"] = points
+    points = summary["_points"]
+    write_json(out_dir / "summary.json", {k: v for k, v in summary.items() if not k.startswith("_")})
     with open(out_dir / "per_question.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
@@ -613,8 +613,7 @@ def write_files(summary: dict[str, Any], root: Path, out_dir: Path) -> None:
                                     _f(r.get("gate_mean"), 5),
                                 ]
                             )
-    runs, _ = find_runs(root)
-    for arm, seeds in runs.items():
+    for arm, seeds in summary["_runs"].items():
         for s, d in seeds.items():
             for src in [d / "metrics.json", *sorted(d.glob("eval*/**/metrics.json"))]:
                 dst = out_dir / "runs" / arm / f"s{s}" / src.relative_to(d)
