@@ -19,6 +19,7 @@ from typing import Any
 from imsm.io import write_json
 
 RECORD_FILE = "metrics.json"
+RECORDED = "_imsm_record_written"  # set on an exception that must not (or need not) be written as a failed record
 STATUSES = ("ok", "failed", "dry_run")
 
 
@@ -43,6 +44,9 @@ class RunRecord:
     train_examples: int | None = None
     truncated_prompts: int | None = None
     truncated_targets: int | None = None
+    # rows left out as malformed (on_bad_row=skip), per split read: {"<dataset>/<split>": n}, zeros included (the
+    # training split, then every evaluation split: ``EvalResult.skipped_rows``); None: not recorded by this job
+    skipped_rows: dict[str, int] | None = None
     train_loss: float | None = None
     global_steps: int | None = None
     trainable_parameters: dict[str, int] | None = None

@@ -8,6 +8,12 @@
 - It counts only once ``checkpoint.complete`` exists, written by rank 0 after every rank saved its part. A job killed
   mid-save leaves a directory without it: resume skips it and deletes it. Older checkpoints are removed only after a
   newer one is complete (``rotate_checkpoints``), so a complete one always survives.
+- imsm deletes only what it wrote: ``checkpoint.imsm`` is written into a checkpoint directory before anything else,
+  and a ``checkpoint-N`` directory without it (or the completion marker) is another tool's and is left alone.
+- Before a resume the checkpoint's files are checked (``check_checkpoint``: JSON parses, safetensors and torch zip
+  archives whole): a corrupted one is named, file and reason, with the intact older checkpoint to resume from instead.
+- ``progress.json`` carries the loss sum and training seconds of every segment so far: after a resume, the run's
+  ``train_loss`` and ``train_seconds`` cover the whole run, not only the last segment.
 - ``resume``: ``auto`` continues from the last complete checkpoint if there is one, ``true`` requires one,
   ``false`` starts afresh (deleting this run directory's checkpoints, so a later ``auto`` cannot pick them), a path
   resumes from that checkpoint.
@@ -20,10 +26,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import shutil
+import struct
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +46,8 @@ from imsm.io import write_json
 log = logging.getLogger(__name__)
 
 COMPLETE = "checkpoint.complete"
+OWNER = "checkpoint.imsm"  # written first: this checkpoint directory is imsm's (and may be deleted by it)
+PROGRESS = "progress.json"
 TRAINABLE_WEIGHTS = "trainable.safetensors"
 CHECKPOINTS = "checkpoints"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
@@ -44,7 +55,7 @@ _STEP = re.compile(r"^checkpoint-(\d+)$")
 
 # --- checkpoints -------------------------------------------------------------------------------------------------
 def checkpoint_dirs(folder: str | Path) -> list[Path]:
-    """``checkpoint-<step>`` directories in ``folder``, oldest step first (complete or not)."""
+    """``checkpoint-<step>`` directories in ``folder``, oldest step first (complete or not, imsm's or not)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -56,10 +67,43 @@ def is_complete(checkpoint: str | Path) -> bool:
     return (Path(checkpoint) / COMPLETE).is_file()
 
 
+def is_ours(checkpoint: str | Path) -> bool:
+    """imsm wrote this directory (its owner marker, or a completion marker from before the owner marker existed)."""
+    return (Path(checkpoint) / OWNER).is_file() or is_complete(checkpoint)
+
+
+def own_checkpoint_dirs(folder: str | Path) -> list[Path]:
+    """``checkpoint_dirs`` that imsm wrote; another tool's are named in a warning and never touched."""
+    dirs = checkpoint_dirs(folder)
+    foreign = [p.name for p in dirs if not is_ours(p)]
+    if foreign:
+        log.warning(
+            "%s: %s not written by imsm (no %s): left alone, never resumed from or deleted",
+            folder,
+            foreign,
+            OWNER,
+        )
+    return [p for p in dirs if is_ours(p)]
+
+
+def claim_checkpoint(checkpoint: str | Path) -> None:
+    """Mark ``checkpoint`` as imsm's before anything is written into it (rank 0, at the start of a save)."""
+    Path(checkpoint).mkdir(parents=True, exist_ok=True)
+    (Path(checkpoint) / OWNER).write_text("written by imsm; deleted by imsm's rotation and resume=false\n")
+
+
 def last_complete_checkpoint(folder: str | Path) -> Path | None:
     """The highest-step checkpoint whose every part was written, or None."""
     complete = [p for p in checkpoint_dirs(folder) if is_complete(p)]
     return complete[-1] if complete else None
+
+
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """The optimizer step a checkpoint was saved at (its directory name says it)."""
+    m = _STEP.match(Path(checkpoint).name)
+    if m is None:
+        raise ValueError(f"{checkpoint}: not a checkpoint-<step> directory")
+    return int(m.group(1))
 
 
 def mark_complete(checkpoint: str | Path, step: int) -> None:
@@ -69,7 +113,7 @@ def mark_complete(checkpoint: str | Path, step: int) -> None:
 
 def rotate_checkpoints(folder: str | Path, keep: int | None) -> None:
     """Keep the newest ``keep`` complete checkpoints; delete older ones and incomplete ones below the newest."""
-    dirs = checkpoint_dirs(folder)
+    dirs = own_checkpoint_dirs(folder)
     complete = [p for p in dirs if is_complete(p)]
     if not complete:
         return
@@ -81,8 +125,8 @@ def rotate_checkpoints(folder: str | Path, keep: int | None) -> None:
 
 
 def remove_incomplete(folder: str | Path) -> list[Path]:
-    """Delete checkpoint directories a crash left half-written; returns them."""
-    removed = [p for p in checkpoint_dirs(folder) if not is_complete(p)]
+    """Delete imsm's checkpoint directories a crash left half-written; returns them."""
+    removed = [p for p in own_checkpoint_dirs(folder) if not is_complete(p)]
     for p in removed:
         log.warning("removing incomplete checkpoint %s (the job stopped while saving it)", p)
         shutil.rmtree(p, ignore_errors=True)
@@ -94,43 +138,134 @@ def resolve_resume(resume: Any, folder: str | Path, main_process: bool = True) -
 
     Args:
         resume: ``auto`` / None (the last complete checkpoint if any), ``true`` (it must exist), ``false`` (start
-            afresh: rank 0 deletes ``folder``'s checkpoints), or a checkpoint directory.
+            afresh: rank 0 deletes ``folder``'s imsm checkpoints), or a checkpoint directory.
         folder: ``<run_dir>/checkpoints``.
         main_process: only rank 0 deletes anything.
+
+    Raises:
+        CorruptCheckpointError: the checkpoint to resume from has a damaged file (named, with the older intact one).
     """
     folder = Path(folder)
     text = str(resume).strip().lower() if resume is not None else "auto"
-    if text in ("auto", "none", "null", ""):
+    if text in ("auto", "none", "null", "", "true"):
         found = last_complete_checkpoint(folder)
-        if main_process:
-            remove_incomplete(folder)
-        if found is not None:
-            log.info("resuming from %s (resume=auto found it; resume=false starts afresh)", found)
-        return None if found is None else str(found)
-    if text == "false":
-        if main_process and checkpoint_dirs(folder):
-            log.warning("resume=false: deleting the earlier checkpoints in %s", folder)
-            for p in checkpoint_dirs(folder):
-                shutil.rmtree(p, ignore_errors=True)
-        return None
-    if text == "true":
-        found = last_complete_checkpoint(folder)
-        if found is None:
+        if found is None and text == "true":
             raise FileNotFoundError(
                 f"resume=true but {folder} holds no complete checkpoint (directories: "
                 f"{[p.name for p in checkpoint_dirs(folder)]}). Use the same run_dir as the interrupted run, or "
                 "resume=auto / resume=false to start afresh."
             )
+        if found is not None:
+            check_checkpoint(found, folder)
         if main_process:
             remove_incomplete(folder)
-        return str(found)
+        if found is not None:
+            log.info(
+                "resuming from %s (resume=%s found it; resume=false starts afresh)", found, text or "auto"
+            )
+        return None if found is None else str(found)
+    if text == "false":
+        own = own_checkpoint_dirs(folder)
+        if main_process and own:
+            log.warning("resume=false: deleting the earlier checkpoints in %s", folder)
+            for p in own:
+                shutil.rmtree(p, ignore_errors=True)
+        return None
     path = Path(str(resume))
     if not is_complete(path):
         raise FileNotFoundError(
             f"resume={resume}: not a complete checkpoint directory (no {COMPLETE}); complete ones in {folder}: "
             f"{[p.name for p in checkpoint_dirs(folder) if is_complete(p)]}"
         )
+    check_checkpoint(path, folder)
     return str(path)
+
+
+# --- is a checkpoint intact? -------------------------------------------------------------------------------------
+class CorruptCheckpointError(RuntimeError):
+    """A file of the checkpoint to resume from is damaged; the message names it and the older intact checkpoint."""
+
+
+def check_checkpoint(checkpoint: str | Path, folder: str | Path | None = None) -> None:
+    """Raise ``CorruptCheckpointError`` if a file of ``checkpoint`` is damaged (cheap: no tensor is deserialised).
+
+    JSON files must parse, safetensors files must hold every byte their header promises, torch files (zip archives)
+    must pass a CRC check. The message offers the newest older checkpoint of ``folder`` that passes the same checks.
+    """
+    checkpoint = Path(checkpoint)
+    problem = _first_damaged_file(checkpoint)
+    if problem is None:
+        return
+    file, reason = problem
+    older = [p for p in checkpoint_dirs(folder or checkpoint.parent) if is_complete(p) and p != checkpoint]
+    older = [p for p in older if checkpoint_step(p) < checkpoint_step(checkpoint)]
+    intact = next((p for p in reversed(older) if _first_damaged_file(p) is None), None)
+    offer = (
+        f"resume={intact} continues from the newest intact checkpoint ({checkpoint_step(checkpoint)}"
+        f" - {checkpoint_step(intact)} steps earlier), after which {checkpoint} can be deleted"
+        if intact
+        else "no older intact checkpoint exists; resume=false starts afresh"
+    )
+    raise CorruptCheckpointError(f"cannot resume from {checkpoint}: {file} is damaged ({reason}). {offer}.")
+
+
+def _first_damaged_file(checkpoint: Path) -> tuple[Path, str] | None:
+    for file in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        reason = _damage(file)
+        if reason is not None:
+            return file, reason
+    return None
+
+
+def _damage(file: Path) -> str | None:
+    """Why ``file`` cannot be read back, or None (JSON, safetensors and torch's zip format; other files unchecked)."""
+    try:
+        if file.suffix == ".json" or file.name == COMPLETE:
+            json.loads(file.read_text(encoding="utf-8"))
+        elif file.suffix == ".safetensors":
+            return _safetensors_damage(file)
+        elif file.suffix in (".pt", ".pth", ".bin"):
+            if not zipfile.is_zipfile(file):
+                return "not a complete torch file (no zip directory: truncated or overwritten)"
+            with zipfile.ZipFile(file) as archive:
+                bad = archive.testzip()
+            return None if bad is None else f"entry {bad} fails its CRC check"
+    except (ValueError, UnicodeDecodeError, zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return None
+
+
+def _safetensors_damage(file: Path) -> str | None:
+    """The safetensors layout: 8-byte header length, JSON header, then exactly the bytes its offsets cover."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes: shorter than a safetensors header"
+        (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            return f"header of {length} bytes but the file has {size}"
+        header = json.loads(f.read(length))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end != size:
+        return f"the header describes {8 + length + end} bytes, the file has {size} (truncated?)"
+    return None
+
+
+# --- the whole run's loss and time, across resumed segments --------------------------------------------------------
+def write_progress(checkpoint: str | Path, step: int, loss_sum: float, train_seconds: float) -> None:
+    """Record in ``checkpoint`` the run so far: its summed step losses and its training seconds."""
+    write_json(
+        Path(checkpoint) / PROGRESS,
+        {"global_step": step, "loss_sum": loss_sum, "train_seconds": train_seconds},
+    )
+
+
+def read_progress(checkpoint: str | Path | None) -> dict[str, float]:
+    """``progress.json`` of ``checkpoint`` ({} when starting afresh or for a checkpoint written before it existed)."""
+    if checkpoint is None or not (Path(checkpoint) / PROGRESS).is_file():
+        return {}
+    return json.loads((Path(checkpoint) / PROGRESS).read_text())
 
 
 def save_trainable(model: torch.nn.Module, path: str | Path) -> None:

@@ -26,11 +26,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from transformers import set_seed
+from transformers import TrainingArguments, set_seed
 
 from imsm import CONF_DIR, tracking
 from imsm.checks import check_run_config
-from imsm.data import load_split
+from imsm.data import Example, load_split
 from imsm.data.collate import TokenizedDataset, TrainCollator
 from imsm.distributed import agree_run_dir, leave_zero3, strip_local_rank_arg, zero3_enabled
 from imsm.evaluation import (
@@ -44,15 +44,15 @@ from imsm.evaluation import (
 from imsm.model.adalora import training_steps
 from imsm.model.build import build_model, load_model, save_model
 from imsm.model.siamese import IMSMModel
-from imsm.record import RunRecord, flat_metrics, write_record
+from imsm.record import RECORDED, RunRecord, flat_metrics, write_record
 from imsm.resilience import CHECKPOINTS, explain_oom, resolve_resume
+from imsm.rundir import claim_run_dir
 from imsm.training import IMSMTrainer, training_arguments
 
 log = logging.getLogger(__name__)
 
 # Hydra overrides that say where a job runs, not what it computes: never a reason to put runs in separate rows.
 NOT_CHOICES = ("run_dir", "data_dir", "resume", "eval.original_cache", "experiment")
-RECORDED = "_imsm_record_written"  # set on an exception whose failed record is already in metrics.json
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -76,8 +76,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # one run directory for all ranks (each rank's Hydra resolved its own timestamp); needs the process group
     run_dir = agree_run_dir(resolve_run_dir(cfg), hydra_output_dir())
     args.output_dir = str(run_dir / CHECKPOINTS)
+    # one job per directory, one configuration per directory; a finished run is not run again
+    with claim_run_dir(run_dir, cfg, tracking.is_main_process()) as claim:
+        if claim.finished is not None:
+            print("\n" + summary_table(claim.finished), flush=True)
+            return claim.finished.to_dict()
+        return fit_and_evaluate(cfg, run_dir, args, train_examples, evaluation, wall_start)
+
+
+def fit_and_evaluate(
+    cfg: DictConfig,
+    run_dir: Path,
+    args: TrainingArguments,
+    train_examples: list[Example],
+    evaluation: EvalSettings,
+    wall_start: float,
+) -> dict[str, Any]:
+    """The recipe inside a claimed run directory: model -> Trainer -> fit -> save -> evaluate -> record."""
+    ds, world = cfg.dataset, int(os.environ.get("WORLD_SIZE", 1))
     set_seed(int(cfg.seed))
-    model, tokenizer = build_model(cfg, total_steps=optimizer_steps(len(train_examples), args, world))
+    total_steps = optimizer_steps(len(train_examples), args, world)
+    model, tokenizer = build_model(cfg, total_steps=total_steps)
     record = run_record(cfg, run_dir)
     record.trainable_parameters = model.trainable_parameters()  # before DeepSpeed ZeRO-3 partitions them
     tracker = tracking.start(cfg, run_dir)  # logger=wandb, main process only; None otherwise
@@ -102,10 +121,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     main_process = trainer.is_world_process_zero()
     # resume=auto: the same command re-run in the same run_dir continues from its last complete checkpoint
     checkpoint = resolve_resume(cfg.get("resume", "auto"), run_dir / CHECKPOINTS, main_process)
-    start = time.perf_counter()
     with explain_oom(cfg, "train"):
-        output = trainer.train(resume_from_checkpoint=checkpoint)
-    record.train_seconds = time.perf_counter() - start
+        output = trainer.train(resume_from_checkpoint=checkpoint, total_steps=total_steps)
+    # the whole run's loss and time, earlier segments of a resumed run included
+    record.train_seconds = output.metrics.get("train_runtime")
     record.train_loss, record.global_steps = output.training_loss, output.global_step
     record.train_examples = len(train_set)
     record.truncated_prompts, record.truncated_targets = train_set.stats.prompts, train_set.stats.targets

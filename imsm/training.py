@@ -16,7 +16,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import SCHEDULER_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from imsm import distributed, resilience
 from imsm.model.adalora import AdaLoraCallback, adalora_config, orthogonal_regularisation
 from imsm.model.build import save_model
 from imsm.model.loramoe import loramoe_model
 from imsm.model.siamese import IMSMModel
+
+logger = logging.getLogger(__name__)
 
 
 class IMSMTrainer(Trainer):
@@ -44,6 +48,10 @@ class IMSMTrainer(Trainer):
         **kwargs: Any,
     ):
         self.gate_learning_rate = gate_learning_rate
+        self._prior: dict[
+            str, float
+        ] = {}  # the resumed checkpoint's progress.json (earlier segments' totals)
+        self._segment_start = time.perf_counter()
         # saved as config.yaml in every checkpoint too: each checkpoint is a run directory load_model opens
         self.run_config = run_config
         super().__init__(*args, **kwargs)
@@ -144,19 +152,34 @@ class IMSMTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:  # noqa: D102
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotated below, only once this checkpoint is complete
+        folder = Path(self._get_output_dir(trial=trial))
+        checkpoint = folder / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:  # before any file: a half-written checkpoint is still recognisably imsm's
+            resilience.claim_checkpoint(checkpoint)
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
-        folder = Path(self._get_output_dir(trial=trial))
-        checkpoint = folder / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         unwrapped = self.accelerator.unwrap_model(self.model)
         if self.args.should_save and not self.is_deepspeed_enabled:  # DeepSpeed resumes from its own files
             resilience.save_trainable(unwrapped, checkpoint / resilience.TRAINABLE_WEIGHTS)
         self.accelerator.wait_for_everyone()  # every rank's RNG state and shards are on disk
         if self.args.should_save:
+            loss_sum, seconds = self.run_totals()
+            resilience.write_progress(checkpoint, self.state.global_step, loss_sum, seconds)
             resilience.mark_complete(checkpoint, self.state.global_step)
             resilience.rotate_checkpoints(folder, limit)
+
+    def run_totals(self) -> tuple[float, float]:
+        """The whole run so far, earlier segments included: (sum of step losses, training seconds).
+
+        Trainer's own loss counters cover this ``train()`` call only (logged part + not yet logged part).
+        """
+        segment_loss = getattr(self, "_total_loss_scalar", 0.0) + float(getattr(self, "_tr_loss", 0.0))
+        seconds = time.perf_counter() - self._segment_start
+        return self._prior.get("loss_sum", 0.0) + segment_loss, self._prior.get(
+            "train_seconds", 0.0
+        ) + seconds
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
@@ -173,10 +196,55 @@ class IMSMTrainer(Trainer):
             )
         resilience.load_trainable(target, path)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):  # noqa: D102
+    def train(  # noqa: D417
+        self,
+        resume_from_checkpoint: str | None = None,
+        *,
+        total_steps: int | None = None,
+        **kwargs: Any,
+    ) -> TrainOutput:
+        """``Trainer.train``, whose ``training_loss`` and ``metrics["train_runtime"]`` cover the whole run.
+
+        Args:
+            resume_from_checkpoint: a complete checkpoint directory (``imsm.resilience.resolve_resume``) or None.
+            total_steps: the run's planned optimizer steps. A checkpoint already at it means training finished
+                (the job stopped while saving or evaluating): its weights are loaded and no step is run, where
+                Trainer would run one step past the end.
+        """
+        self._prior = resilience.read_progress(resume_from_checkpoint)
+        self._segment_start = time.perf_counter()
+        done = resume_from_checkpoint and total_steps
+        if done and resilience.checkpoint_step(resume_from_checkpoint) >= total_steps:
+            return self._finished_at(resume_from_checkpoint)
         resuming_deepspeed = self.is_deepspeed_enabled and resume_from_checkpoint
         with resilience.deepspeed_resume() if resuming_deepspeed else contextlib.nullcontext():
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        # Trainer's loss covers this call's steps only; the checkpoint's progress.json holds the steps before them
+        segment_steps = output.global_step - getattr(self, "_initial_global_step", 0)
+        loss_sum = self._prior.get("loss_sum", 0.0) + output.training_loss * segment_steps
+        seconds = self._prior.get("train_seconds", 0.0) + time.perf_counter() - self._segment_start
+        resumed = bool(self._prior) and output.global_step > 0
+        loss = loss_sum / output.global_step if resumed else output.training_loss
+        return TrainOutput(output.global_step, loss, {**output.metrics, "train_runtime": seconds})
+
+    def _finished_at(self, checkpoint: str) -> TrainOutput:
+        """The output of a run whose last checkpoint is its end: the checkpoint's weights, its recorded totals."""
+        step = resilience.checkpoint_step(checkpoint)
+        if self.is_deepspeed_enabled:
+            raise NotImplementedError(  # DeepSpeed's weights load through its engine, built inside Trainer.train
+                f"{checkpoint} is the end of training (step {step}); under DeepSpeed load it with "
+                f"imsm.evaluate run_dir={checkpoint}, or resume=false to train again"
+            )
+        logger.info(
+            "%s is at the end of training (step %d): no step is run, its weights are the result",
+            checkpoint,
+            step,
+        )
+        self._load_from_checkpoint(checkpoint)
+        self.state.global_step = step
+        totals = self._prior
+        loss = totals["loss_sum"] / max(step, 1) if "loss_sum" in totals else None  # a checkpoint from before
+        return TrainOutput(step, loss, {"train_runtime": totals.get("train_seconds", 0.0)})
 
 
 def training_arguments(cfg: DictConfig, output_dir: str, world_size: int = 1) -> TrainingArguments:

@@ -18,6 +18,7 @@ import pytest
 import torch
 from helpers import compose_train
 from multiproc import run_command, tiny_overrides, train_cmd, trained_weights, write_gsm8k
+from safetensors.torch import save_file
 
 from imsm import resilience
 from imsm.io import write_json
@@ -78,6 +79,9 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, data_d
         assert torch.equal(want[name], got[name]), name
     metrics = json.loads((crashed / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["global_steps"] == 6
+    # the whole run's loss (both segments), not the resumed segment's alone
+    uninterrupted = json.loads((reference / "metrics.json").read_text())
+    assert metrics["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
     assert [p.name for p in resilience.checkpoint_dirs(checkpoints)] == [
         "checkpoint-2",
         "checkpoint-4",
@@ -127,9 +131,11 @@ def test_resume_restores_everything_without_unpickling(tmp_path, data_dir, monke
 
 # --- checkpoint bookkeeping ------------------------------------------------------------------------------------
 def make_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
+    """An imsm checkpoint directory with a (small, valid) optimizer file and a trainable-weights file."""
     path = folder / f"checkpoint-{step}"
-    path.mkdir(parents=True)
-    (path / "optimizer.pt").write_bytes(b"x")
+    resilience.claim_checkpoint(path)
+    torch.save({"state": {0: torch.ones(3)}}, path / "optimizer.pt")
+    save_file({"w": torch.arange(4.0)}, str(path / resilience.TRAINABLE_WEIGHTS))
     if complete:
         resilience.mark_complete(path, step)
     return path

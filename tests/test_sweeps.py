@@ -200,18 +200,16 @@ def test_smoke_multirun_then_report(tmp_path, data_dir, capsys):
 def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, data_dir):
     """FreebaseQA has no training split: that job fails, the MRPC job still runs, the report says which failed."""
     sweep = tmp_path / "sweep"
-    proc = run_train(
-        [
-            "experiment=smoke",
-            "dataset=freebaseqa,mrpc",
-            "peft=lora",
-            "gate=query_aware",
-            "seed=1",
-            "eval_datasets=[]",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        data_dir,
-    )
+    command = [
+        "experiment=smoke",
+        "dataset=freebaseqa,mrpc",
+        "peft=lora",
+        "gate=query_aware",
+        "seed=1",
+        "eval_datasets=[]",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = run_train(command, data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     by_target = {r["dataset"]: r for r in job_metrics(sweep)}
     failed = by_target["freebaseqa"]
@@ -228,6 +226,18 @@ def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, data_dir):
     md = (sweep / "report" / "report.md").read_text()
     assert "| tiny_llama | LoRA + IMSM | 0.00 | failed |" in " ".join(md.split())  # columns mrpc, freebaseqa
     assert "Failed runs:" in md and "no split given" in md
+
+    # the same sweep again over its directory: the finished job is recognised, nothing of it is rewritten
+    mrpc_dir = Path(by_target["mrpc"]["run_dir"])
+
+    def results() -> dict[Path, bytes]:  # Hydra's own record and log are Hydra's, rewritten by every launch
+        skip = (".hydra", "train.log", ".imsm.lock")
+        return {p: p.read_bytes() for p in mrpc_dir.rglob("*") if p.is_file() and not set(skip) & set(p.parts)}
+
+    before = results()
+    again = run_train(command, data_dir)
+    assert "nothing to do" in again.stderr + again.stdout
+    assert results() == before and (mrpc_dir / "adapter").is_dir()
 
 
 def test_a_failed_single_run_exits_nonzero_and_records_its_status(tmp_path):
