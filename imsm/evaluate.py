@@ -5,7 +5,8 @@
 ``IMSMModel`` with a throw-away rank-1 LoRA adapter and no gate, and scored with ``streams="base"``, i.e. with the
 adapter switched off, so the same batched, KV-cached code runs the frozen model unchanged. The scoring itself is the
 evaluation stage (``imsm.evaluation``): ``<out_dir>/<name>/{metrics.json, predictions.jsonl}`` per dataset and a
-table (dataset x metric) on the terminal.
+table (dataset x metric) on the terminal. ``on_bad_row=skip`` skips malformed rows of every dataset; each dataset's
+``metrics.json`` says how many (``skipped_rows``), and the terminal lists the sets that had any.
 """
 
 from __future__ import annotations
@@ -55,9 +56,12 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
             cfg.streams,
         )
     out_dir = cfg.get("out_dir") or HydraConfig.get().runtime.output_dir
-    results = evaluate_datasets(model, tokenizer, settings, out_dir, streams).model
+    evaluated = evaluate_datasets(model, tokenizer, settings, out_dir, streams)
+    results = evaluated.model
     label = "base model" if cfg.model == "base" else f"{cfg.run_dir} (streams={streams})"
-    print(f"\n{label}, limit={cfg.limit}\n{results_table(results)}\noutputs: {out_dir}", flush=True)
+    skipped = {split: n for split, n in evaluated.skipped_rows.items() if n}
+    note = f"\nmalformed rows skipped (on_bad_row=skip): {skipped}" if skipped else ""
+    print(f"\n{label}, limit={cfg.limit}\n{results_table(results)}{note}\noutputs: {out_dir}", flush=True)
     return results
 
 

@@ -13,6 +13,11 @@ frozen model, choice scoring of yes/no sets, gate values: ``imsm.likelihood``), 
 Layout, for every dataset alike: ``<out>/<name>/metrics.json`` (metrics + how they were obtained) and
 ``<out>/<name>/predictions.jsonl``, plus ``<out>/metrics.json`` (``{name: metrics}``). A training run uses
 ``<run_dir>/eval`` for the model and ``<run_dir>/eval_base`` for the frozen backbone.
+
+Malformed rows: a set is loaded with ``on_bad_row=skip`` when its own config says so (``dataset.on_bad_row`` for the
+target, ``conf/dataset/<name>.yaml`` for the others) or when ``eval.on_bad_row`` (``on_bad_row`` of
+``imsm.evaluate``) is ``skip``; otherwise a malformed row is an error. The rows skipped are counted per split:
+``skipped_rows`` in each ``<out>/<name>/metrics.json`` and ``EvalResult.skipped_rows``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from imsm.backbones import DTYPES
 from imsm.data import DataError, check_source, dataset_config, load_split, parse_split
-from imsm.data.base import Example
+from imsm.data.base import BAD_ROW_POLICIES, Example, Examples
 from imsm.io import write_json, write_jsonl
 from imsm.likelihood import ALIAS_RULES, likelihood_scores
 from imsm.model.siamese import STREAMS, IMSMModel
@@ -72,6 +77,7 @@ class EvalSettings:
     answer_eos: bool = True  # likelihood scoring: the answer's NLL includes its closing EOS (as in training)
     compare_base: bool = False
     original_cache: str | None = None
+    on_bad_row: str = "error"  # skip: skip malformed rows in every set (error: each set's own on_bad_row)
     backbone: dict[str, Any] = field(
         default_factory=dict
     )  # the frozen backbone's config: the cache key's part
@@ -83,7 +89,15 @@ class EvalSettings:
             raise ValueError(f"eval.aliases={self.aliases!r} is not one of {list(ALIAS_RULES)}")
         if self.autocast not in (None, *DTYPES):
             raise ValueError(f"autocast={self.autocast!r} is not one of [null, {', '.join(DTYPES)}]")
+        if self.on_bad_row not in BAD_ROW_POLICIES:
+            raise ValueError(f"eval.on_bad_row={self.on_bad_row!r} is not one of {list(BAD_ROW_POLICIES)}")
         for ds in self.datasets:
+            own = ds.config.get("on_bad_row") or "error"
+            if own not in BAD_ROW_POLICIES:
+                raise DataError(
+                    f"{ds.name}: on_bad_row={own!r} (conf/dataset/{ds.name}.yaml or dataset.on_bad_row) is not "
+                    f"one of {list(BAD_ROW_POLICIES)}"
+                )
             if ds.scoring is not None and ds.scoring not in SCORERS:
                 raise ValueError(
                     f"eval.scoring_by_dataset.{ds.name}={ds.scoring!r} is not one of {sorted(SCORERS)}"
@@ -100,6 +114,10 @@ class EvalSettings:
     def scoring_of(self, ds: DatasetEval) -> str:
         """The scorer of ``ds``: its own (``eval.scoring_by_dataset``) or the settings' ``scoring``."""
         return ds.scoring or self.scoring
+
+    def on_bad_row_of(self, ds: DatasetEval) -> str:
+        """``skip`` if ``ds``'s own config or ``eval.on_bad_row`` says so, else ``error``."""
+        return "skip" if "skip" in (self.on_bad_row, ds.config.get("on_bad_row")) else "error"
 
     @classmethod
     def from_train_config(cls, cfg: DictConfig) -> EvalSettings:
@@ -139,6 +157,7 @@ class EvalSettings:
             answer_eos=bool(ev.get("answer_eos", True)),
             compare_base=bool(ev.compare_base),
             original_cache=ev.get("original_cache"),
+            on_bad_row=ev.get("on_bad_row") or "error",
             backbone=OmegaConf.to_container(cfg.backbone, resolve=True),  # type: ignore[arg-type]
         )
 
@@ -167,6 +186,7 @@ class EvalSettings:
             scoring=cfg.get("scoring") or "generate",
             aliases=cfg.get("aliases") or "first",
             answer_eos=bool(cfg.get("answer_eos", True)),
+            on_bad_row=cfg.get("on_bad_row") or "error",
         )
 
 
@@ -242,6 +262,13 @@ SCORERS: dict[str, Scorer] = {
 }
 
 
+def load_examples(ds: DatasetEval, settings: EvalSettings) -> Examples:
+    """The examples ``ds`` is scored on (its ``eval_split``, first ``limit``); ``skipped``: malformed rows left out."""
+    return load_split(
+        ds.config, settings.data_dir, ds.config.eval_split, ds.limit, on_bad_row=settings.on_bad_row_of(ds)
+    )
+
+
 def score_dataset(
     model: IMSMModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -249,14 +276,16 @@ def score_dataset(
     settings: EvalSettings,
     out_dir: Path,
     streams: str,
+    examples: Examples | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Load, score and write one dataset: ``<out_dir>/<name>/{metrics.json, predictions.jsonl}``.
+    """Load (unless ``examples`` are given), score and write one dataset: ``<out_dir>/<name>/{metrics.json,
+    predictions.jsonl}``.
 
     Returns (metrics, per-example rows)."""
     if streams not in STREAMS:
         raise ValueError(f"streams={streams!r} is not one of {list(STREAMS)}")
     split = ds.config.eval_split
-    examples = load_split(ds.config, settings.data_dir, split, ds.limit)
+    examples = load_examples(ds, settings) if examples is None else examples
     start = time.perf_counter()
     scoring = settings.scoring_of(ds)
     scorer = SCORERS[scoring]
@@ -269,6 +298,7 @@ def score_dataset(
         "scoring": scoring,
         "streams": streams,
         "limit": ds.limit,
+        "skipped_rows": getattr(examples, "skipped", 0),  # malformed rows left out (on_bad_row=skip)
         "autocast": settings.autocast,
         **({} if scoring == "generate" else {"answer_eos": settings.answer_eos}),
         "seconds": round(time.perf_counter() - start, 2),
@@ -298,6 +328,8 @@ def cached_original(settings: EvalSettings, ds: DatasetEval, compute: Callable[[
         "max_input_length": settings.max_input_length,
         "chat_template": settings.chat_template,
     }
+    if settings.on_bad_row == "skip":  # keeps the keys (and so the caches) of runs without it
+        key["eval_on_bad_row"] = "skip"
     scoring = settings.scoring_of(ds)
     if scoring != "generate":  # keeps the keys (and so the caches) of earlier generation-only sweeps
         key["scoring"], key["aliases"] = scoring, settings.aliases
@@ -316,12 +348,14 @@ def cached_original(settings: EvalSettings, ds: DatasetEval, compute: Callable[[
 @dataclass
 class EvalResult:
     """``{name: metrics}`` of the model and (with ``compare_base``) of the frozen backbone, in settings order;
-    ``rows``: the model's per-example rows of each dataset."""
+    ``rows``: the model's per-example rows of each dataset; ``skipped_rows``: ``{"<name>/<eval_split>": n}``, the
+    malformed rows left out of each split read (``on_bad_row=skip``; 0 included), as ``RunRecord.skipped_rows``."""
 
     model: dict[str, dict[str, Any]] = field(default_factory=dict)
     base: dict[str, dict[str, Any]] = field(default_factory=dict)
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     seconds: float = 0.0
+    skipped_rows: dict[str, int] = field(default_factory=dict)
 
 
 def evaluate_datasets(
@@ -337,17 +371,24 @@ def evaluate_datasets(
     out_dir, start = Path(out_dir), time.perf_counter()
     base_dir = Path(base_dir) if base_dir else out_dir.parent / BASE_DIR
     result = EvalResult()
+    loaded: dict[str, Examples] = {}  # read once: the frozen backbone is scored on the same examples
     n = len(settings.datasets)
     for i, ds in enumerate(settings.datasets, start=1):
         log.info("[%d/%d] %s/%s: %s", i, n, ds.name, ds.config.eval_split, streams)
+        loaded[ds.name] = load_examples(ds, settings)
+        result.skipped_rows[f"{ds.name}/{ds.config.eval_split}"] = loaded[ds.name].skipped
         result.model[ds.name], result.rows[ds.name] = score_dataset(
-            model, tokenizer, ds, settings, out_dir, streams
+            model, tokenizer, ds, settings, out_dir, streams, loaded[ds.name]
         )
     write_json(out_dir / "metrics.json", result.model)
     if settings.compare_base:
         for ds in settings.datasets:
             result.base[ds.name] = cached_original(
-                settings, ds, lambda ds=ds: score_dataset(model, tokenizer, ds, settings, base_dir, "base")[0]
+                settings,
+                ds,
+                lambda ds=ds: score_dataset(
+                    model, tokenizer, ds, settings, base_dir, "base", loaded[ds.name]
+                )[0],
             )
         write_json(base_dir / "metrics.json", result.base)
     result.seconds = time.perf_counter() - start

@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from imsm import CONF_DIR
 from imsm.data.base import Example
-from imsm.data.collate import Truncation, encode_example, encode_prompt, left_pad
+from imsm.data.collate import Truncation, encode_example, fit_prompt, left_pad
 from imsm.io import write_json
 from imsm.model.checkpoint import GATE_CONFIG, RUN_CONFIG
 from imsm.model.siamese import IMSMModel
@@ -129,7 +129,7 @@ def token_gates(
         raise NoGateError(no_gate_message("this model", "IMSMModel.gate is None"))
     stats = Truncation()
     if answer is None:
-        prompt_ids = encode_prompt(tokenizer, text, max_input_length, chat_template, stats)
+        prompt_ids = fit_prompt(tokenizer, text, max_input_length, chat_template, stats)
         answer_ids = greedy_answer(model, tokenizer, prompt_ids, max_new_tokens)
     else:
         features = encode_example(

@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from imsm.backbones import autocast_context
 from imsm.constants import IGNORE_INDEX
-from imsm.data.base import Example
+from imsm.data.base import SHRINKABLE, Example, Span
 from imsm.data.collate import TrainCollator, encode_example
 from imsm.metrics import YES_NO, bootstrap_ci, choice_metrics
 from imsm.model.siamese import STREAMS, IMSMModel
@@ -94,6 +94,7 @@ def teacher_forced(
     with_eos: bool = True,
     choice_ids: tuple[int, int] | None = None,
     desc: str = "likelihood",
+    shrinkable: list[Span | None] | None = None,
 ) -> list[Scored]:
     """Score each ``(prompt, answer)`` pair with one forward per stream; returns the pairs' sums, in order.
 
@@ -104,10 +105,10 @@ def teacher_forced(
     if streams not in STREAMS:
         raise ValueError(f"streams={streams!r} is not one of {list(STREAMS)}")
     features = []
-    for prompt, answer in pairs:
-        f = encode_example(
-            tokenizer, Example(prompt, answer), max_input_length, max_output_length, chat_template
-        )
+    # ``shrinkable``: each pair's passage span, cut first from an over-long prompt (``collate.fit_prompt``)
+    for (prompt, answer), span in zip(pairs, shrinkable or [None] * len(pairs), strict=True):
+        example = Example(prompt, answer, meta={SHRINKABLE: span} if span else {})
+        f = encode_example(tokenizer, example, max_input_length, max_output_length, chat_template)
         if not with_eos:  # choice scoring: the answer words only
             f["labels"][-1] = IGNORE_INDEX
         features.append(f)
@@ -227,9 +228,17 @@ def likelihood_scores(
     """
     candidates = [answer_candidates(e, aliases) for e in examples]
     pairs = [(e.prompt, a) for e, answers in zip(examples, candidates, strict=True) for a in answers]
+    spans = [e.meta.get(SHRINKABLE) for e, answers in zip(examples, candidates, strict=True) for _ in answers]
     same_pass = single_token_choices(tokenizer, examples) if choice else None
     scored = teacher_forced(
-        model, tokenizer, pairs, streams=streams, choice_ids=same_pass, with_eos=with_eos, **options
+        model,
+        tokenizer,
+        pairs,
+        streams=streams,
+        choice_ids=same_pass,
+        with_eos=with_eos,
+        shrinkable=spans,
+        **options,
     )
     rows, chosen, k = [], [], 0
     for e, answers in zip(examples, candidates, strict=True):
@@ -322,8 +331,11 @@ def _choice(
     targets = [choice_targets(e) for e in examples]
     keep = [i for i, t in enumerate(targets) if t is not None]
     pairs = [(examples[i].prompt, answer) for i in keep for answer in targets[i]]  # type: ignore[union-attr]
+    spans = [examples[i].meta.get(SHRINKABLE) for i in keep for _ in targets[i]]  # type: ignore[union-attr]
     opts = {**options, "desc": f"{options.get('desc', 'likelihood')} (yes/no)"}
-    scored = teacher_forced(model, tokenizer, pairs, streams=streams, with_eos=False, **opts)
+    scored = teacher_forced(
+        model, tokenizer, pairs, streams=streams, with_eos=False, shrinkable=spans, **opts
+    )
     scores: list[float | None] = [None] * len(examples)
     for j, i in enumerate(keep):
         yes, no = scored[2 * j], scored[2 * j + 1]

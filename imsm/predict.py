@@ -6,6 +6,7 @@ decoded, and returned in the original order with the per-example verdict.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -13,8 +14,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from imsm.backbones import autocast_context
-from imsm.data.base import Example
-from imsm.data.collate import Truncation, encode_prompt, left_pad
+from imsm.data.base import SHRINKABLE, Example, Span
+from imsm.data.collate import Truncation, fit_prompt, left_pad
 from imsm.metrics import score
 from imsm.model.siamese import IMSMModel
 
@@ -31,14 +32,20 @@ def generate_texts(
     streams: str = "imsm",
     desc: str = "generate",
     autocast: str | None = None,
+    shrinkable: Sequence[Span | None] | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (original order).
 
     ``autocast`` ``bf16`` / ``fp16`` runs the matmuls in that precision (``torch.autocast``) over fp32 weights;
-    None: the weights' own precision.
+    None: the weights' own precision. ``shrinkable``: each prompt's passage span, cut first if it is too long
+    (``imsm.data.collate.fit_prompt``).
     """
     stats = Truncation(total=len(prompts))
-    encoded = [encode_prompt(tokenizer, p, max_input_length, chat_template, stats) for p in prompts]
+    spans = shrinkable or [None] * len(prompts)
+    encoded = [
+        fit_prompt(tokenizer, p, max_input_length, chat_template, stats, span)
+        for p, span in zip(prompts, spans, strict=True)
+    ]
     stats.report(desc)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     device = next(model.parameters()).device
@@ -68,7 +75,8 @@ def evaluate_examples(
     model: IMSMModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example], metric: str, **gen: Any
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Generate for ``examples`` and score them. Returns (metrics, prediction rows)."""
-    texts = generate_texts(model, tokenizer, [e.prompt for e in examples], **gen)
+    spans = [e.meta.get(SHRINKABLE) for e in examples]
+    texts = generate_texts(model, tokenizer, [e.prompt for e in examples], shrinkable=spans, **gen)
     metrics, correct = score(metric, texts, [e.gold for e in examples])
     rows = [
         {"prompt": e.prompt, "generation": t, "gold": e.gold, "correct": bool(c)}

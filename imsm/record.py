@@ -19,7 +19,9 @@ from typing import Any
 from imsm.io import write_json
 
 RECORD_FILE = "metrics.json"
-RECORDED = "_imsm_record_written"  # set on an exception that must not (or need not) be written as a failed record
+RECORDED = (
+    "_imsm_record_written"  # set on an exception that must not (or need not) be written as a failed record
+)
 STATUSES = ("ok", "failed", "dry_run")
 
 

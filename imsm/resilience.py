@@ -385,6 +385,36 @@ def check_finite_loss(loss: torch.Tensor, step: int, epoch: float | None, checkp
     )
 
 
+RANK_FAILURE = "failure-rank-{rank}.json"
+
+
+def record_rank_failure(run_dir: str | Path, rank: int, error: BaseException) -> None:
+    """A rank other than 0 stopping on its own (a NaN only it saw) leaves its reason where rank 0 can find it.
+
+    Without it rank 0 only sees the collective the stopped rank never joined (gloo: "Connection closed by peer").
+    """
+    write_json(
+        Path(run_dir) / RANK_FAILURE.format(rank=rank),
+        {"rank": rank, "error": f"{type(error).__name__}: {error}"},
+    )
+
+
+def rank_failures(run_dir: str | Path) -> list[dict[str, Any]]:
+    """What other ranks recorded with ``record_rank_failure`` in this job, lowest rank first."""
+    files = sorted(Path(run_dir).glob(RANK_FAILURE.format(rank="*")))
+    found = []
+    for f in files:
+        with contextlib.suppress(ValueError, OSError):
+            found.append(json.loads(f.read_text()))
+    return sorted(found, key=lambda r: r.get("rank", 0))
+
+
+def clear_rank_failures(run_dir: str | Path) -> None:
+    """At a job's start: an earlier job's rank failures are not this job's."""
+    for f in Path(run_dir).glob(RANK_FAILURE.format(rank="*")):
+        f.unlink(missing_ok=True)
+
+
 def oom_advice(cfg: DictConfig, phase: str) -> str:
     """Which settings to lower, with their current values, for an out-of-memory error in ``phase``."""
     args = cfg.trainer.args

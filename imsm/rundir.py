@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from imsm.io import write_text_atomic
 from imsm.model.checkpoint import ADAPTER_DIR, GATE_CONFIG, GATE_WEIGHTS, RUN_CONFIG
 from imsm.record import RECORD_FILE, RECORDED, RunRecord, read_record
-from imsm.resilience import CHECKPOINTS, own_checkpoint_dirs
+from imsm.resilience import CHECKPOINTS, clear_rank_failures, own_checkpoint_dirs
 
 try:  # POSIX; elsewhere runs are not locked
     import fcntl
@@ -101,6 +101,7 @@ def claim_run_dir(run_dir: Path, cfg: DictConfig, main_process: bool = True) -> 
     with _locked(run_dir, main_process):
         finished = _check(run_dir, cfg)
         if finished is None and main_process:
+            clear_rank_failures(run_dir)
             if _fresh_start(run_dir, cfg):
                 _remove_outputs(run_dir)
             write_text_atomic(run_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))

@@ -30,7 +30,7 @@ from transformers import TrainingArguments, set_seed
 
 from imsm import CONF_DIR, tracking
 from imsm.checks import check_run_config
-from imsm.data import Example, load_split
+from imsm.data import Examples, load_split
 from imsm.data.collate import TokenizedDataset, TrainCollator
 from imsm.distributed import agree_run_dir, leave_zero3, strip_local_rank_arg, zero3_enabled
 from imsm.evaluation import (
@@ -45,7 +45,7 @@ from imsm.model.adalora import training_steps
 from imsm.model.build import build_model, load_model, save_model
 from imsm.model.siamese import IMSMModel
 from imsm.record import RECORDED, RunRecord, flat_metrics, write_record
-from imsm.resilience import CHECKPOINTS, explain_oom, resolve_resume
+from imsm.resilience import CHECKPOINTS, explain_oom, rank_failures, resolve_resume
 from imsm.rundir import claim_run_dir
 from imsm.training import IMSMTrainer, training_arguments
 
@@ -88,7 +88,7 @@ def fit_and_evaluate(
     cfg: DictConfig,
     run_dir: Path,
     args: TrainingArguments,
-    train_examples: list[Example],
+    train_examples: Examples,
     evaluation: EvalSettings,
     wall_start: float,
 ) -> dict[str, Any]:
@@ -128,6 +128,7 @@ def fit_and_evaluate(
     record.train_loss, record.global_steps = output.training_loss, output.global_step
     record.train_examples = len(train_set)
     record.truncated_prompts, record.truncated_targets = train_set.stats.prompts, train_set.stats.targets
+    record.skipped_rows = {f"{ds.name}/{ds.train_split}": train_examples.skipped}  # on_bad_row=skip
     model = save_trained(trainer, model, cfg, run_dir)
     result = EvalResult()
     if cfg.eval.enabled and main_process:
@@ -138,6 +139,7 @@ def fit_and_evaluate(
             record_failure(cfg, e, time.perf_counter() - wall_start, record)
             raise
     add_evaluation(record, cfg, result)
+    record.skipped_rows = {**(record.skipped_rows or {}), **result.skipped_rows}
     record.wall_seconds = time.perf_counter() - wall_start
     if main_process:
         write_record(run_dir, record)
@@ -297,6 +299,10 @@ def record_failure(
             record = RunRecord(status="failed", run_dir=str(cfg.run_dir), record_error=repr(e))
     record.status = "failed"
     record.error = f"{type(error).__name__}: {error}"
+    others = rank_failures(record.run_dir or cfg.run_dir) if (record.run_dir or cfg.get("run_dir")) else []
+    if others:  # another rank stopped first (e.g. a NaN only it saw); this rank's error is the consequence
+        first = others[0]
+        record.error = f"rank {first['rank']}: {first['error']} (rank 0 then failed with {record.error})"
     record.traceback = "".join(traceback.format_exception(error))
     record.wall_seconds = wall_seconds
     write_record(record.run_dir or cfg.run_dir, record)

@@ -146,7 +146,14 @@ class IMSMTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D102 - same contract as Trainer
         loss = super().training_step(model, inputs, num_items_in_batch)
         # before the optimizer step: a NaN never reaches the weights or a checkpoint
-        resilience.check_finite_loss(loss, self.state.global_step + 1, self.state.epoch, self.args.output_dir)
+        try:
+            resilience.check_finite_loss(
+                loss, self.state.global_step + 1, self.state.epoch, self.args.output_dir
+            )
+        except resilience.NonFiniteLossError as e:
+            if not self.is_world_process_zero():  # rank 0 will only see a broken collective: tell it why
+                resilience.record_rank_failure(Path(self.args.output_dir).parent, self.args.process_index, e)
+            raise
         return loss
 
     def _save_checkpoint(self, model, trial) -> None:  # noqa: D102

@@ -79,6 +79,58 @@ def test_torchrun_two_processes_match_one_process(tmp_path, data_dir, single_pro
     assert (checkpoint / "checkpoint.complete").exists()
 
 
+NAN_ON_RANK_1 = """
+import functools, os, runpy, sys
+from imsm.model.siamese import IMSMModel
+
+forward = IMSMModel.forward
+calls = []
+
+@functools.wraps(forward)
+def poisoned(self, *args, **kwargs):
+    out = forward(self, *args, **kwargs)
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2 and out.loss is not None:  # rank 1's second step
+        out.loss = out.loss * float("nan")
+    return out
+
+IMSMModel.forward = poisoned
+sys.argv = ["imsm/train.py", *sys.argv[1:]]
+runpy.run_module("imsm.train", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_is_recorded_as_the_nan_and_its_step(tmp_path, data_dir):
+    """Rank 0 sees only gloo's broken connection; metrics.json must say what rank 1 saw."""
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(
+        data_dir,
+        **DETERMINISTIC,
+        trainer="ddp",
+        run_dir=run_dir,
+        **{"trainer.args.per_device_train_batch_size": 2},
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+    ]
+    done = run_command([*cmd, *overrides], timeout=300)
+    assert done.returncode != 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "failed"
+    assert metrics["error"].startswith("rank 1: NonFiniteLossError: loss is nan at optimizer step 2"), (
+        metrics["error"]
+    )
+
+
 # --- DeepSpeed ---------------------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

@@ -232,7 +232,9 @@ def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, data_dir):
 
     def results() -> dict[Path, bytes]:  # Hydra's own record and log are Hydra's, rewritten by every launch
         skip = (".hydra", "train.log", ".imsm.lock")
-        return {p: p.read_bytes() for p in mrpc_dir.rglob("*") if p.is_file() and not set(skip) & set(p.parts)}
+        return {
+            p: p.read_bytes() for p in mrpc_dir.rglob("*") if p.is_file() and not set(skip) & set(p.parts)
+        }
 
     before = results()
     again = run_train(command, data_dir)

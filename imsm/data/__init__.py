@@ -3,7 +3,9 @@
 Each ``conf/dataset/<name>.yaml`` names its loader (``loader._target_``: a module's ``load``, i.e. its ``Dataset``
 subclass's), its ``source`` (``raw`` | ``reference`` | ``hub``), its template, its metric and its ``task_type``
 (1 world-knowledge QA, 0 other: LoRAMoE's balancing constraint); ``load_split`` calls that loader for one split,
-applies a sample limit and stamps each example with the task type. A split may carry a Python slice, as in ``datasets``: ``train[:2000]``,
+applies a sample limit and stamps each example with the task type; the examples come back as ``Examples``, whose
+``skipped`` counts the malformed rows left out of the whole split's files (``on_bad_row=skip``; before any slice or
+limit). A split may carry a Python slice, as in ``datasets``: ``train[:2000]``,
 ``train[-500:]`` (a validation slice held out of the training split). ``dataset_config`` reads one of those files by
 name (evaluation on many datasets).
 """
@@ -17,7 +19,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from imsm import CONF_DIR
-from imsm.data.base import DataError, Example
+from imsm.data.base import DataError, Example, Examples
 from imsm.data.dataset import SOURCES, check_source, check_task_type
 
 DATASET_CONF_DIR = CONF_DIR / "dataset"
@@ -38,9 +40,16 @@ def parse_split(split: str) -> tuple[str, slice]:
 
 
 def load_split(
-    dataset_cfg: DictConfig, data_dir: str | None, split: str, limit: int | None = None
-) -> list[Example]:
-    """Examples of ``split`` (optionally sliced: ``train[-500:]``) from ``dataset_cfg``; first ``limit`` when set."""
+    dataset_cfg: DictConfig,
+    data_dir: str | None,
+    split: str,
+    limit: int | None = None,
+    on_bad_row: str | None = None,
+) -> Examples:
+    """Examples of ``split`` (optionally sliced: ``train[-500:]``) from ``dataset_cfg``; first ``limit`` when set.
+
+    ``on_bad_row``: ``error`` | ``skip``; None: the config's own ``on_bad_row`` (default ``error``).
+    """
     source = dataset_cfg.get("source") or "raw"
     check_source(dataset_cfg.get("name", "dataset"), source)
     if not split:
@@ -58,10 +67,10 @@ def load_split(
         split=split,
         template=dataset_cfg.template,
         source=source,
-        on_bad_row=dataset_cfg.get("on_bad_row") or "error",
+        on_bad_row=on_bad_row or dataset_cfg.get("on_bad_row") or "error",
     )
-    examples = examples[rows]
-    examples = examples[:limit] if limit else examples
+    skipped = getattr(examples, "skipped", 0)  # a loader of another package may return a plain list
+    examples = Examples(examples[rows][:limit] if limit else examples[rows], skipped)
     task_type = check_task_type(dataset_cfg.get("name", "dataset"), dataset_cfg.get("task_type"))
     if task_type is not None:  # a loader may set its own per-example type first (a mixture of tasks)
         for ex in examples:
@@ -83,4 +92,13 @@ def dataset_config(name: str, conf_dir: Path = DATASET_CONF_DIR) -> DictConfig:
     return cfg
 
 
-__all__ = ["SOURCES", "DataError", "Example", "dataset_config", "dataset_names", "load_split", "parse_split"]
+__all__ = [
+    "SOURCES",
+    "DataError",
+    "Example",
+    "Examples",
+    "dataset_config",
+    "dataset_names",
+    "load_split",
+    "parse_split",
+]

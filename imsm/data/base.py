@@ -7,7 +7,16 @@ accepted aliases). Datasets never tokenise.
 Errors are located in one place. The field checks here (``require``, ``require_str``, ``string_list``, ``label``)
 name the field and the valid choices but not the row; a ``RowReader`` parses each row of one file (or hub split)
 inside ``reader.at(line)``, which attaches ``file:line`` to any ``DataError`` raised there and applies
-``on_bad_row``: ``error`` raises, ``skip`` counts the row, goes on, and logs the count once the file is read.
+``on_bad_row``: ``error`` raises (saying how to skip instead), ``skip`` counts the row, goes on, and logs the count
+once the file is read; the examples it returns (``Examples``, a list) carry that count as ``skipped``.
+
+Files are read so that nothing is loaded silently wrong: a byte that is not UTF-8 is an error at its line (a whole
+JSON document: at its line and column, never skipped), and each line of a tab-separated file is parsed on its own,
+so an unclosed quote is an error at its own line instead of swallowing the lines after it.
+
+A dataset may mark the part of a prompt that truncation cuts first (``SHRINKABLE`` in ``Example.meta``, set by
+``render_marked``): the passage of a reading-comprehension template, so that an over-long prompt loses the passage's
+tail and never its question, wherever the template puts it (``imsm.data.collate.fit_prompt``).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +38,14 @@ BAD_ROW_POLICIES = ("error", "skip")
 Where = Path | str  # a file, or a description such as "hub:nyu-mll/glue/mrpc[train]"
 Line = int | str  # a line number, or a position inside a JSON document such as "data[3].qas[1]"
 Row = dict[str, Any]
+Span = tuple[int, int]  # (start, end) characters of a prompt
 T = TypeVar("T")
+
+SHRINKABLE = "shrinkable"  # Example.meta key: the prompt's Span that truncation cuts first (its tail first)
+# what a row's error tells the user to do (the training set's key, then the evaluation sets')
+SKIP_HINT = "; fix or remove the row, or skip malformed rows with on_bad_row=skip (dataset.on_bad_row, eval.on_bad_row)"
+# a file opened with errors="surrogateescape" holds each byte that is not UTF-8 as one of these code points
+BAD_BYTE = re.compile("[\udc80-\udcff]")
 
 
 @dataclass
@@ -54,6 +71,7 @@ class DataError(ValueError):
     def __init__(self, message: str, where: Where | None = None, line: Line | None = None) -> None:
         super().__init__(message)
         self.message, self.where, self.line = message, where, line
+        self.skippable = False  # raised from one row (on_bad_row=skip would have skipped it)
 
     def at(self, where: Where, line: Line | None = None) -> DataError:
         if self.where is None:
@@ -69,6 +87,14 @@ class DataError(ValueError):
         return type(self), (self.message, self.where, self.line)
 
 
+class Examples(list[Example]):
+    """A split's examples (a plain list) and ``skipped``: the malformed rows left out reading it (on_bad_row=skip)."""
+
+    def __init__(self, examples: Iterable[Example] = (), skipped: int = 0) -> None:
+        super().__init__(examples)
+        self.skipped = skipped
+
+
 def render(template: str, **fields: str) -> str:
     """Fill ``{name}`` placeholders for the given names only.
 
@@ -78,6 +104,27 @@ def render(template: str, **fields: str) -> str:
     for name, value in fields.items():
         out = out.replace("{" + name + "}", value)
     return out
+
+
+def render_marked(template: str, span: str, **fields: str) -> tuple[str, dict[str, Any]]:
+    """``render(template, **fields)`` and the meta ``{SHRINKABLE: (start, end)}`` of field ``span`` in the prompt.
+
+    The meta is empty when the template lacks the field or the prompt cannot be split exactly (a value that holds a
+    placeholder): that prompt is then truncated the ordinary way.
+    """
+    prompt = render(template, **fields)
+    marker = "{" + span + "}"
+    if marker not in template:
+        return prompt, {}
+    start = len(render(template.split(marker, 1)[0], **fields))
+    end = start + len(fields[span])
+    return prompt, ({SHRINKABLE: (start, end)} if prompt[start:end] == fields[span] else {})
+
+
+def kind(value: Any, width: int = 80) -> str:
+    """A value's type and (shortened) repr for an error message: ``list ['a', 'b']``."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= width else text[: width - 3] + '...'}"
 
 
 # --- field checks: they name the field and the choices; the row reader adds the file and line --------------------
@@ -96,7 +143,15 @@ def require_str(row: Any, key: str) -> str:
     """A string field that must be present and not blank."""
     value = require(row, key)
     if not isinstance(value, str) or not value.strip():
-        raise DataError(f"field {key!r} should be a non-empty string, found {value!r}")
+        raise DataError(f"field {key!r} should be a non-empty string, found {kind(value)}")
+    return value
+
+
+def require_list(row: Any, key: str) -> list[Any]:
+    """A field that must be a list (possibly empty)."""
+    value = require(row, key)
+    if not isinstance(value, list):
+        raise DataError(f"field {key!r} should be a list, found {kind(value)}")
     return value
 
 
@@ -109,8 +164,11 @@ def string_list(value: Any, key: str) -> list[str]:
 
 def label(value: Any, labels: dict[Any, str], key: str) -> str:
     """Map a dataset's label (``1``, ``"0"``, ...) to ours (``"yes"``/``"no"``); an unknown one lists the choices."""
-    if value in labels:
-        return labels[value]
+    try:
+        if value in labels:
+            return labels[value]
+    except TypeError:  # an unhashable value (a list, an object) is no label either
+        pass
     raise DataError(f"unknown label {value!r} in field {key!r}; expected one of {sorted(labels)}")
 
 
@@ -152,19 +210,27 @@ class RowReader:
         except DataError as e:
             e.at(self.where, line)
             if self.on_bad_row == "error":
+                e.skippable = True
                 raise
             self.skipped += 1
             self.first = self.first or str(e)
 
     def examples(
         self, rows: Iterable[tuple[Line, T]], convert: Callable[[T], Example | list[Example]]
-    ) -> list[Example]:
-        """``convert`` every row (one example or several); an empty result is an error."""
-        examples: list[Example] = []
-        for line, row in rows:
-            with self.at(line):
-                out = convert(row)
-                examples.extend(out if isinstance(out, list) else [out])
+    ) -> Examples:
+        """``convert`` every row (one example or several); an empty result is an error. A row's error says how to
+        skip such rows."""
+        examples = Examples()
+        try:
+            for line, row in rows:
+                with self.at(line):
+                    out = convert(row)
+                    examples.extend(out if isinstance(out, list) else [out])
+        except DataError as e:
+            if e.skippable and not e.message.endswith(SKIP_HINT):
+                e.message += SKIP_HINT
+            raise
+        examples.skipped = self.skipped
         if self.skipped:
             log.warning(
                 "%s: skipped %d malformed rows (on_bad_row=skip); first: %s",
@@ -179,18 +245,30 @@ class RowReader:
     # Readers of the file formats: each row is parsed inside ``at`` and yielded only when it parsed.
 
     def jsonl(self) -> Iterator[tuple[int, Row]]:
-        """(line number, object) of each non-blank line of a JSON-lines file."""
-        with open(self.where, encoding="utf-8") as f:
+        """(line number, object) of each non-blank line of a JSON-lines file; a bad byte is that line's error."""
+        with open(self.where, encoding="utf-8", errors="surrogateescape") as f:
             for lineno, text in enumerate(f, start=1):
                 if text.strip():
                     with self.at(lineno):
+                        check_utf8(text)
                         yield lineno, json_object(text)
 
     def json(self) -> Any:
-        """The whole JSON document; a syntax error names the line and column (and is never skipped)."""
+        """The whole JSON document; a bad byte or a syntax error names the line and column (and is never skipped)."""
+        data = Path(self.where).read_bytes()
         try:
-            with open(self.where, encoding="utf-8") as f:
-                return json.load(f)
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line_start = data.rfind(b"\n", 0, e.start) + 1
+            raise DataError(
+                f"not valid UTF-8: byte 0x{data[e.start]:02X} at byte {e.start - line_start + 1} of the line "
+                f"(byte offset {e.start} of the file); re-encode the file as UTF-8 (a JSON document is read "
+                "whole, so on_bad_row=skip cannot skip it)",
+                self.where,
+                data.count(b"\n", 0, e.start) + 1,
+            ) from e
+        try:
+            return json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"not valid JSON ({e.msg}, column {e.colno})", self.where, e.lineno) from e
 
@@ -200,17 +278,59 @@ class RowReader:
         """(line number, row dict) of a tab-separated file; ``fieldnames=None`` reads them from the header line.
 
         A UTF-8 BOM is dropped (GLUE's MRPC files start with one). GLUE files are read with ``QUOTE_NONE`` since
-        their sentences contain unbalanced quotes; a row with the wrong number of fields is malformed.
+        their sentences contain unbalanced quotes; a row with the wrong number of fields is malformed. Every line is
+        one row, parsed on its own (``tsv_cells``): no field may span lines.
         """
-        with open(self.where, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, delimiter="\t", quoting=quoting)
-            names = fieldnames or next(reader, None)
-            if not names:
-                raise DataError("the header line is missing", self.where, 1)
-            for cells in reader:
-                if cells:
-                    with self.at(reader.line_num):
-                        yield reader.line_num, fields(names, cells)
+        with open(self.where, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+            lines = enumerate(f, start=1)
+            names = fieldnames
+            if names is None:
+                _, header = next(lines, (1, ""))
+                with located(self.where, 1):
+                    names = tsv_cells(header, quoting)
+                if not names:
+                    raise DataError("the header line is missing", self.where, 1)
+            for lineno, text in lines:
+                if text.strip("\r\n"):
+                    with self.at(lineno):
+                        yield lineno, fields(names, tsv_cells(text, quoting, names))
+
+
+def check_utf8(line: str, names: list[str] | None = None) -> None:
+    """A line read with ``errors="surrogateescape"`` must hold no byte that is not UTF-8; the error names the first
+    one, its byte position and (with ``names``, for tab-separated lines) its field."""
+    bad = BAD_BYTE.search(line)
+    if bad is None:
+        return
+    head = line[: bad.start()]
+    column = head.count("\t")
+    field_name = f" in field {names[column]!r}" if names and column < len(names) else ""
+    raise DataError(
+        f"not valid UTF-8: byte 0x{ord(bad.group()) - 0xDC00:02X} at byte "
+        f"{len(head.encode('utf-8', 'surrogateescape')) + 1} of the line{field_name}; re-encode the file as UTF-8"
+    )
+
+
+def tsv_cells(line: str, quoting: int, names: list[str] | None = None) -> list[str]:
+    """The tab-separated cells of one line (with its line ending).
+
+    The line is parsed alone, followed by an empty line: a quoted field still open at the end of the line would run
+    into that next line, which ``csv`` would otherwise take from the file (every line until the next quote).
+    """
+    check_utf8(line, names)
+    reader = csv.reader([line, "\n"], delimiter="\t", quoting=quoting)
+    try:
+        cells = next(reader, [])
+    except csv.Error as e:
+        raise DataError(f"not a valid tab-separated line ({e})") from e
+    if reader.line_num > 1:
+        column = len(next(csv.reader([line], delimiter="\t", quoting=quoting))) - 1
+        field_name = f" {names[column]!r}" if names and column < len(names) else ""
+        raise DataError(
+            f"unbalanced double quote: field{field_name} (column {column + 1}) starts a quoted value that is not "
+            'closed on this line; close it with " (a quote inside a quoted value is written "") or remove the quote'
+        )
+    return cells
 
 
 def json_object(text: str) -> Row:

@@ -2,8 +2,10 @@
 
 Prompt and target are tokenised separately and joined with nothing between them (as the paper's code does), EOS
 appended. The prompt gets the tokenizer's own special tokens (BOS where it has one); the target gets none. A prompt
-longer than ``max_input_length`` keeps its *last* tokens: the question and the answer cue sit at the end of every
-template, and losing the instruction's start hurts less than losing them. Truncations are counted, never silent.
+longer than ``max_input_length`` is cut by ``fit_prompt``: where its dataset marked a passage (``SHRINKABLE`` in
+``Example.meta``: MultiRC, ROPES) the passage loses its tail, so the question survives wherever the template puts
+it; otherwise (or when even the whole passage is not enough) the prompt keeps its *last* tokens, where most templates
+put the question and the answer cue. Truncations are counted, never silent.
 
 Training batches are right-padded: ``input_ids``, ``attention_mask``, ``labels`` (-100 on prompt and pad),
 ``query_mask`` (1 on prompt tokens), and ``task_type`` (one per row, from the dataset's setting) when set.
@@ -21,7 +23,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from imsm.constants import IGNORE_INDEX
-from imsm.data.base import Example
+from imsm.data.base import SHRINKABLE, Example, Span
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +56,58 @@ class Truncation:
             )
 
 
-def encode_prompt(
+def fit_prompt(
     tokenizer: PreTrainedTokenizerBase,
     prompt: str,
     max_length: int,
     chat_template: bool = False,
     stats: Truncation | None = None,
+    shrinkable: Span | None = None,
 ) -> list[int]:
+    """The prompt's token ids, at most ``max_length`` of them.
+
+    An over-long prompt first loses the tail of its ``shrinkable`` span (characters of ``prompt``, the dataset's
+    ``Example.meta[SHRINKABLE]``): the tokens inside it are dropped from its end, so the text before and after it
+    (the instruction, the question, the answer cue) stays whole and the prompt is exactly ``max_length`` tokens.
+    Without a span, or if dropping the whole span is not enough, it keeps its last ``max_length`` tokens.
+    """
     text = format_prompt(tokenizer, prompt, chat_template)
     ids = tokenizer(text, add_special_tokens=not chat_template)["input_ids"]
-    if len(ids) > max_length:
-        ids = ids[-max_length:]
-        if stats is not None:
-            stats.prompts += 1
-    return ids
+    if len(ids) <= max_length:
+        return ids
+    if stats is not None:
+        stats.prompts += 1
+    span = span_in(text, prompt, shrinkable) if shrinkable and tokenizer.is_fast else None
+    if span is not None:
+        encoded = tokenizer(text, add_special_tokens=not chat_template, return_offsets_mapping=True)
+        ids = drop_span_tail(encoded["input_ids"], encoded["offset_mapping"], span, len(ids) - max_length)
+    return ids[-max_length:]
+
+
+def span_in(text: str, prompt: str, span: Span) -> Span | None:
+    """``span`` (characters of ``prompt``) in ``text``, the prompt as formatted (the chat template may wrap it)."""
+    start, end = span
+    if text == prompt:
+        return start, end
+    at = text.find(prompt.strip())
+    if at < 0:
+        return None
+    shift = at - (len(prompt) - len(prompt.lstrip()))
+    return start + shift, end + shift
+
+
+def drop_span_tail(ids: list[int], offsets: list[tuple[int, int]], span: Span, excess: int) -> list[int]:
+    """``ids`` without the last ``excess`` tokens that lie inside ``span`` (all of them if there are fewer).
+
+    Tokens are chosen by their character offsets; a character split over several byte tokens is dropped whole, so
+    the cut never leaves half a character (the prompt may then be a token shorter).
+    """
+    inside = [i for i, (s, e) in enumerate(offsets) if span[0] <= s and e <= span[1] and s < e]
+    cut = max(len(inside) - excess, 0)
+    while 0 < cut < len(inside) and offsets[inside[cut - 1]] == offsets[inside[cut]]:
+        cut -= 1
+    dropped = set(inside[cut:])
+    return [t for i, t in enumerate(ids) if i not in dropped]
 
 
 def encode_example(
@@ -79,7 +119,9 @@ def encode_example(
     stats: Truncation | None = None,
 ) -> dict[str, list[int]]:
     """``{"input_ids", "labels", "query_len"}`` for one training example, and ``task_type`` when it has one."""
-    prompt_ids = encode_prompt(tokenizer, example.prompt, max_input_length, chat_template, stats)
+    prompt_ids = fit_prompt(
+        tokenizer, example.prompt, max_input_length, chat_template, stats, example.meta.get(SHRINKABLE)
+    )
     target_ids = tokenizer(example.target, add_special_tokens=False)["input_ids"]
     if len(target_ids) > max_output_length - 1:
         target_ids = target_ids[: max_output_length - 1]

@@ -12,23 +12,28 @@ becomes an ``Example``) and exposes ``load = TheDataset.load``, the ``loader._ta
   the same mapping (a module that reads its raw files into the hub's schema needs no other).
 
 Every file is read by its own ``RowReader`` (``imsm.data.base``): errors name the file and row, ``on_bad_row``
-applies per file, and an empty file is an error.
+applies per file, and an empty file is an error. ``load`` returns ``Examples``: a list that also says how many
+malformed rows were skipped (``skipped``, summed over the split's files).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from imsm.data.base import (
+    SHRINKABLE,
     DataError,
     Example,
+    Examples,
     Line,
     Row,
     RowReader,
+    Span,
     check_on_bad_row,
     label,
     require,
@@ -86,13 +91,26 @@ def output_aliases(output: Any) -> tuple[str, Any]:
     return aliases[0], aliases
 
 
+def regex_span(pattern: str) -> Callable[[str], Span | None]:
+    """A reference prompt's shrinkable span: group 1 of ``pattern`` (searched with DOTALL), or None if absent."""
+    compiled = re.compile(pattern, re.DOTALL)
+
+    def span(prompt: str) -> Span | None:
+        found = compiled.search(prompt)
+        return found.span(1) if found else None
+
+    return span
+
+
 @dataclass(frozen=True)
 class Reference:
-    """The authors' split files ``imsm-reference/<dir>/<files[split]>`` and how their ``output`` is read."""
+    """The authors' split files ``imsm-reference/<dir>/<files[split]>`` and how their ``output`` is read;
+    ``shrinkable`` finds the passage in their prompts (``SHRINKABLE``), where a dataset marks one."""
 
     dir: str
     files: dict[str, str]  # our split -> file
     output: Output
+    shrinkable: Callable[[str], Span | None] | None = None
 
 
 # --- the Hugging Face hub ----------------------------------------------------------------------------------------
@@ -168,7 +186,7 @@ class Dataset:
         source: str = "raw",
         on_bad_row: str = "error",
         **options: Any,
-    ) -> list[Example]:
+    ) -> Examples:
         """Examples of ``split`` from ``source``; ``on_bad_row`` is ``error`` or ``skip``."""
         check_source(cls.name, source)
         check_on_bad_row(on_bad_row)
@@ -181,14 +199,15 @@ class Dataset:
 
     # --- the three sources ---
 
-    def load_raw(self, data_dir: str | os.PathLike | None, on_bad_row: str) -> list[Example]:
-        examples: list[Example] = []
+    def load_raw(self, data_dir: str | os.PathLike | None, on_bad_row: str) -> Examples:
+        examples = Examples()
         for path in self.raw_paths(data_dir):
             reader = RowReader(path, on_bad_row)
             examples += reader.examples(self.read_raw(reader), self.raw_example)
+            examples.skipped += reader.skipped
         return examples
 
-    def load_reference(self, data_dir: str | os.PathLike | None, on_bad_row: str) -> list[Example]:
+    def load_reference(self, data_dir: str | os.PathLike | None, on_bad_row: str) -> Examples:
         """``input`` is the prompt; ``reference.output`` reads ``output`` into (target, gold)."""
         ref = self.reference
         file = split_file(self.name, ref.files, self.split, "reference")
@@ -198,17 +217,22 @@ class Dataset:
             line, row = numbered  # each example keeps its line, to find it in the authors' file
             prompt = require_str(row, "input")
             target, gold = ref.output(require(row, "output"))
-            return Example(prompt=prompt, target=target, gold=gold, meta={"line": line})
+            meta: dict[str, Any] = {"line": line}
+            span = ref.shrinkable(prompt) if ref.shrinkable else None
+            if span:
+                meta[SHRINKABLE] = span
+            return Example(prompt=prompt, target=target, gold=gold, meta=meta)
 
         reader = RowReader(path, on_bad_row)
         return reader.examples(((line, (line, row)) for line, row in reader.jsonl()), convert)
 
-    def load_hub(self, on_bad_row: str) -> list[Example]:
-        examples: list[Example] = []
+    def load_hub(self, on_bad_row: str) -> Examples:
+        examples = Examples()
         for part in self.hub_parts():
             where, rows = hub_rows(self.hub, part, self.name)
             reader = RowReader(where, on_bad_row)
             examples += reader.examples(self.group_hub_rows(rows, part), self.example)
+            examples.skipped += reader.skipped
         return examples
 
     # --- hooks ---

@@ -2,7 +2,8 @@
 
 Rows are ``{"question", "answer"}``; the answer is a rationale with ``<<expr=value>>`` calculator annotations and a
 last line ``#### N``. The training target is the rationale without annotations, ending ``The answer is N.`` (the
-paper authors' processing, checked against their reference split); ``gold`` is N as a string.
+paper authors' processing, checked against their reference split); ``gold`` is N as a string, which must be a
+number ``imsm.metrics.gsm8k_accuracy`` can score (``parse_number``): an empty or wordy final answer is malformed.
 The hub copy ``openai/gsm8k`` (config ``main``) has the same fields; the reference split has only ``test``.
 """
 
@@ -11,11 +12,23 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from imsm.data.base import DataError, Example, Row, render, require
+from imsm.data.base import DataError, Example, Row, render, require_str
 from imsm.data.dataset import Dataset, HubSpec, Reference
+from imsm.metrics import parse_number
 
 CALCULATOR = re.compile(r"<<[^>]*>>")
 FINAL_ANSWER = re.compile(r"The answer is (.+?)\.?\s*$")
+
+
+def scorable(final: str, key: str, written: str) -> str:
+    """The gold number of a final answer (commas dropped), or an error if the metric cannot read it as a number."""
+    gold = final.strip().replace(",", "")
+    if parse_number(gold) is None:
+        raise DataError(
+            f"field {key!r}: the final answer {written!r} is not a number (gold {gold!r}): gsm8k_accuracy "
+            "compares numbers, so no prediction could match it"
+        )
+    return gold
 
 
 def make_target(answer: str) -> tuple[str, str]:
@@ -24,9 +37,10 @@ def make_target(answer: str) -> tuple[str, str]:
         raise DataError("field 'answer' has no '#### N' final line")
     rationale, final = answer.rsplit("####", 1)
     final = final.strip()
+    gold = scorable(final, "answer", f"#### {final}")
     rationale = CALCULATOR.sub("", rationale).strip()
     # The target keeps the number as written ("2,125", as the authors' split does); the gold drops the commas.
-    return f"{rationale}\nThe answer is {final}.", final.replace(",", "")
+    return f"{rationale}\nThe answer is {final}.", gold
 
 
 def reference_output(output: Any) -> tuple[str, Any]:
@@ -34,7 +48,7 @@ def reference_output(output: Any) -> tuple[str, Any]:
     found = FINAL_ANSWER.search(output) if isinstance(output, str) else None
     if found is None:
         raise DataError("field 'output' does not end with 'The answer is N.'")
-    return output, found.group(1).strip().replace(",", "")
+    return output, scorable(found.group(1), "output", found.group(0).strip())
 
 
 class GSM8K(Dataset):
@@ -47,8 +61,8 @@ class GSM8K(Dataset):
     hub = HubSpec("openai/gsm8k", "main", {"train": "train", "test": "test"})
 
     def example(self, row: Row) -> Example:
-        question = require(row, "question")
-        target, final = make_target(require(row, "answer"))
+        question = require_str(row, "question")
+        target, final = make_target(require_str(row, "answer"))
         return Example(prompt=render(self.template, question=question), target=target, gold=final)
 
 

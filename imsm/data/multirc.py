@@ -14,6 +14,9 @@ questions of train + val (312), exactly the questions of the paper's evaluation 
 (which are in shuffled order there; their passages separate sentences with several spaces, from the original
 MultiRC release). ``yesno`` shares questions with ``train``: do not train on ``train`` and evaluate on ``yesno``.
 The hub copy ``aps/super_glue`` (``multirc``) has one row per option; rows are grouped back into questions.
+
+The template asks the question before the passage, so the passage is marked as the part an over-long prompt loses
+(``SHRINKABLE``, its tail first): cutting the prompt's start would cut the question.
 """
 
 from __future__ import annotations
@@ -21,8 +24,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from imsm.data.base import DataError, Example, Line, Row, RowReader, label, render, require, require_str
-from imsm.data.dataset import Dataset, HubSpec, Reference, output_yes_no
+from imsm.data.base import (
+    DataError,
+    Example,
+    Line,
+    Row,
+    RowReader,
+    kind,
+    label,
+    render,
+    render_marked,
+    require,
+    require_list,
+    require_str,
+)
+from imsm.data.dataset import Dataset, HubSpec, Reference, output_yes_no, regex_span
 
 DEFAULT_OPTION_QUESTION = 'Is it true that the answer to "{question}" is "{option}"?'
 POLARITY = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}
@@ -80,7 +96,10 @@ class MultiRC(Dataset):
         "val": ["multirc/val.jsonl"],
         "yesno": ["multirc/train.jsonl", "multirc/val.jsonl"],
     }
-    reference = Reference("multirc", {"yesno": "data_test.json"}, output_yes_no)
+    # the authors' prompts: "...\nQuestion: {question} \nContent: {passage} \nAnswer:"
+    reference = Reference(
+        "multirc", {"yesno": "data_test.json"}, output_yes_no, regex_span(r"\nContent: (.+) \nAnswer:\s*$")
+    )
     hub = HubSpec("aps/super_glue", "multirc", {"train": "train", "val": "validation"})
     loader_options = {"option_question": DEFAULT_OPTION_QUESTION}
 
@@ -106,33 +125,29 @@ class MultiRC(Dataset):
         }
         answer = yes_no_answer(options)
         if answer is not None:
-            prompt = render(self.template, question=question, passage=passage)
-            return [Example(prompt=prompt, target=answer, meta=meta)]
+            prompt, span = render_marked(self.template, "passage", question=question, passage=passage)
+            return [Example(prompt=prompt, target=answer, meta={**meta, **span})]
         if self.split == "yesno":
             return []
-        return [
-            Example(
-                prompt=render(
-                    self.template,
-                    question=render(
-                        self.options["option_question"], question=question, option=o["text"].strip()
-                    ),
-                    passage=passage,
-                ),
-                target="yes" if option_label(o) else "no",
-                meta={**meta, "option": o.get("idx", i)},
-            )
-            for i, o in enumerate(options)
-        ]
+        examples = []
+        for i, o in enumerate(options):
+            asked = render(self.options["option_question"], question=question, option=o["text"].strip())
+            prompt, span = render_marked(self.template, "passage", question=asked, passage=passage)
+            target = "yes" if option_label(o) else "no"
+            examples.append(Example(prompt, target, meta={**meta, "option": o.get("idx", i), **span}))
+        return examples
 
     def read_raw(self, reader: RowReader) -> Iterator[tuple[Line, Row]]:
         """(position, question row) for every question of a SuperGLUE MultiRC jsonl file (one passage per line)."""
         for lineno, row in reader.jsonl():
             with reader.at(lineno):  # a malformed passage skips its line
                 passage = require(row, "passage")
-                text, questions = require_str(passage, "text"), require(passage, "questions")
+                text, questions = require_str(passage, "text"), require_list(passage, "questions")
                 for k, q in enumerate(questions):
-                    q = q if isinstance(q, dict) else {}
+                    if not isinstance(q, dict):
+                        with reader.at(f"{lineno} questions[{k}]"):  # a malformed question skips itself only
+                            raise DataError(f"a question should be an object, found {kind(q)}")
+                        continue
                     yield (
                         f"{lineno} questions[{k}]",
                         {

@@ -6,6 +6,9 @@ is the first answer text without surrounding spaces. Splits: ``train`` (10924 qu
 paper's evaluation set). Line breaks inside a background or situation become spaces, as in the paper's prompts,
 so the template's own line breaks are the only ones. Raw questions are flattened into the hub schema of
 ``allenai/ropes`` (``background, situation, question, answers: {text: [...]}``) and share its row mapping.
+
+The background is marked as the part an over-long prompt loses first (``SHRINKABLE``, its tail first), so the
+instruction, the situation and the question survive whatever the template's order.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from imsm.data.base import (
     Row,
     RowReader,
     located,
-    render,
+    render_marked,
     require,
+    require_list,
     require_str,
     string_list,
 )
@@ -54,8 +58,9 @@ class ROPES(Dataset):
 
     def example(self, row: Row) -> Example:
         """One question in the ``allenai/ropes`` schema -> Example."""
-        prompt = render(
+        prompt, span = render_marked(
             self.template,
+            "background",
             background=flat(require_str(row, "background")),
             situation=flat(require_str(row, "situation")),
             question=require_str(row, "question"),
@@ -65,7 +70,7 @@ class ROPES(Dataset):
             prompt=prompt,
             target=texts[0],
             gold=texts[0] if len(texts) == 1 else texts,
-            meta={"id": row.get("id")},
+            meta={"id": row.get("id"), **span},
         )
 
     def read_raw(self, reader: RowReader) -> Iterator[tuple[str, Row]]:
@@ -76,16 +81,17 @@ class ROPES(Dataset):
         """
         doc = reader.json()
         with located(reader.where, "top level"):
-            data = require(doc, "data")
+            data = require_list(doc, "data")
         for i, article in enumerate(data):
             with located(reader.where, f"data[{i}]"):
-                paragraphs = require(article, "paragraphs")
+                paragraphs = require_list(article, "paragraphs")
             for j, para in enumerate(paragraphs):
                 with located(reader.where, f"data[{i}].paragraphs[{j}]"):
-                    qas = require(para, "qas")
+                    qas = require_list(para, "qas")
                 for k, qa in enumerate(qas):
                     answers = _get(qa, "answers")
-                    texts = [_get(a, "text") for a in answers] if isinstance(answers, list) else None
+                    # not a list: passed on as it is, so ``answer_texts`` names what it found
+                    texts = [_get(a, "text") for a in answers] if isinstance(answers, list) else answers
                     yield (
                         f"data[{i}].paragraphs[{j}].qas[{k}]",
                         {

@@ -42,6 +42,8 @@ def parse_target_value(value: str) -> list[str]:
         alias = chunk[:-1].strip()
         if len(alias) >= 2 and alias[0] == alias[-1] == '"':
             alias = alias[1:-1]
+        if not alias.strip():  # (description "") would be an empty gold answer, which no metric can match
+            raise DataError(f"field 'targetValue' has an empty description: {value!r}")
         aliases.append(alias)
     return aliases
 
