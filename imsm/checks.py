@@ -14,14 +14,16 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from imsm.schema import schema_errors
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_run_config(cfg: DictConfig) -> None:
-    """Raise ``ValueError`` listing every setting of ``cfg`` (a composed ``train.yaml``) that is out of range."""
-    errors: list[str] = []
+    """Raise ``ValueError`` listing every setting of ``cfg`` (a composed ``train.yaml``) of a wrong key, type or range."""
+    errors: list[str] = schema_errors(cfg)  # keys and types (imsm.schema), then the ranges below
 
     def at_least_one(key: str, nullable: bool) -> None:
         value = OmegaConf.select(cfg, key, default=None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from helpers import compose_train, tiny_overrides, write_gsm
@@ -30,6 +32,40 @@ def test_out_of_range_settings_are_named_before_any_work(tmp_path, overrides, me
     with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("[", r"\[")):
         train(cfg)
     assert not (tmp_path / "run").exists()  # nothing written, nothing loaded
+
+
+WRONG_TYPES = [
+    (
+        "max_train_samples=ten",
+        "max_train_samples='ten': Value 'ten' of type 'str' could not be converted to Integer",
+    ),
+    ("eval.scoring=likelyhood", "expected one of [generate, likelihood, both]"),
+    ("+eval.scorng=both", "eval.scorng: not a setting; did you mean 'scoring'?"),
+    ("eval.at_steps=5", "eval.at_steps=5"),
+    (
+        "+max_train_sample=4",
+        "max_train_sample: not a setting of imsm.train; did you mean 'max_train_samples'?",
+    ),
+    ("eval.on_bad_row=skipp", "expected one of [error, skip]"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), WRONG_TYPES, ids=[w[0] for w in WRONG_TYPES])
+def test_a_wrong_type_choice_or_misspelt_key_is_named_before_any_work(tmp_path, override, message):
+    cfg = compose_train([*tiny_overrides(tmp_path / "run", write_gsm(tmp_path / "data")), override])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_shipped_experiment_passes_the_schema():
+    from imsm import CONF_DIR
+    from imsm.schema import schema_errors
+
+    for path in sorted((CONF_DIR / "experiment").glob("*.yaml")):
+        for scale in ([], ["scale=cpu"]):
+            cfg = compose_train([f"experiment={path.stem}", *scale])
+            assert schema_errors(cfg) == [], (path.stem, scale)
 
 
 def test_every_problem_is_listed_at_once(tmp_path):
