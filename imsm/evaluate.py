@@ -11,6 +11,10 @@ table (dataset x metric) on the terminal. ``on_bad_row=skip`` skips malformed ro
 
 from __future__ import annotations
 
+from imsm.cli import absolute_paths, quick_answer
+
+quick_answer(__name__, "evaluate")  # --help, --cfg, --info: answered before the heavy imports below
+
 import logging
 from typing import Any
 
@@ -68,6 +72,9 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
 @hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("imsm").setLevel(logging.INFO)
+    absolute_paths(
+        cfg, ("data_dir", "run_dir", "out_dir", "backbone.name_or_path")
+    )  # also under hydra.job.chdir
     evaluate(cfg)
 
 

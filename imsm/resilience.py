@@ -41,7 +41,7 @@ import torch
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
-from imsm.io import write_json
+from imsm.io import share, write_json
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +272,7 @@ def save_trainable(model: torch.nn.Module, path: str | Path) -> None:
     """Every trainable tensor by its exact parameter name: what resume loads back, whatever the PEFT method."""
     tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     save_file(tensors, str(path))
+    share(path)
 
 
 def load_trainable(model: torch.nn.Module, path: str | Path) -> None:

@@ -36,8 +36,9 @@ class BadRows(Enum):
 
 
 class Autocast(Enum):
-    bf16 = 1
-    fp16 = 2
+    fp32 = 1
+    bf16 = 2
+    fp16 = 3
 
 
 @dataclass

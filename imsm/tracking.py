@@ -10,6 +10,7 @@ overrides that. Only the main process (``RANK`` 0) logs. ``read_offline_run`` re
 from __future__ import annotations
 
 import json
+import logging
 import netrc
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
 
 from imsm.record import flat_metrics
 
@@ -67,12 +69,38 @@ def start(cfg: DictConfig, run_dir: Path) -> Any | None:
 
 
 def trainer_callbacks(run: Any | None) -> list[Any]:
-    """transformers' ``WandbCallback``: it reuses the open run and logs the loss / lr curves."""
+    """``LogProgress`` always; with a W&B run, transformers' ``WandbCallback`` (it reuses the run: loss / lr curves)."""
+    callbacks: list[Any] = [LogProgress()]
     if run is None:
-        return []
+        return callbacks
     from transformers.integrations import WandbCallback
 
-    return [WandbCallback()]
+    return [*callbacks, WandbCallback()]
+
+
+# --- the job's log file ----------------------------------------------------------------------------------------
+PROGRESS = logging.getLogger("imsm.progress")  # under Hydra: into <run_dir>/train.log only
+
+
+class LogProgress(TrainerCallback):
+    """Trainer's log rows (loss, learning rate, grad norm, per ``logging_steps``) into the job's log file."""
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        if state.is_world_process_zero and logs:
+            PROGRESS.info("step %d: %s", state.global_step, json.dumps(logs))
+
+
+def progress_to_file_only() -> None:
+    """Under Hydra, ``PROGRESS`` records reach ``train.log`` but not the console (its progress bar shows them)."""
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_not_progress)
+
+
+def _not_progress(record: logging.LogRecord) -> bool:
+    return not record.name.startswith(PROGRESS.name)
 
 
 def flatten_metrics(result: dict[str, Any]) -> dict[str, float]:

@@ -13,6 +13,10 @@ sweep goes on and ``imsm.report`` shows the cell as failed; a single run exits n
 
 from __future__ import annotations
 
+from imsm.cli import absolute_paths, quick_answer
+
+quick_answer(__name__, "train")  # --help, --cfg, --info: answered before the heavy imports below
+
 import contextlib
 import logging
 import os
@@ -145,6 +149,7 @@ def fit_and_evaluate(
         write_record(run_dir, record)
         tracking.log_results(tracker, cfg, record.to_dict(), result.rows.get(ds.name, []))
         print("\n" + summary_table(record), flush=True)
+        tracking.PROGRESS.info("\n%s", summary_table(record))  # the same table in <run_dir>/train.log
     tracking.finish(tracker)
     return record.to_dict()
 
@@ -312,8 +317,11 @@ def record_failure(
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
+    # relative paths mean the directory the command was started in, also with hydra.job.chdir=true
+    absolute_paths(cfg, ("data_dir", "run_dir", "eval.original_cache", "backbone.name_or_path"))
     if not cfg.get("run_dir"):
         OmegaConf.update(cfg, "run_dir", HydraConfig.get().runtime.output_dir, force_add=True)
+    tracking.progress_to_file_only()
     start = time.perf_counter()
     try:
         train(cfg)
@@ -323,15 +331,27 @@ def hydra_main(cfg: DictConfig) -> None:
             record_failure(cfg, e, time.perf_counter() - start)
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise
+        FAILED_JOBS.append(f"#{HydraConfig.get().job.num} {cfg.run_dir}: {type(e).__name__}: {e}")
         log.error(
             "job failed (the sweep goes on; metrics.json has status failed): %s: %s", type(e).__name__, e
         )
 
 
+FAILED_JOBS: list[str] = []  # the failed jobs of a multirun in this process (Hydra's basic launcher)
+
+
 def main() -> None:
-    """``python -m imsm.train`` / ``imsm-train``: drops the deepspeed launcher's ``--local_rank=N`` (Hydra rejects it)."""
+    """``python -m imsm.train`` / ``imsm-train``: drops the deepspeed launcher's ``--local_rank=N`` (Hydra rejects it).
+
+    A multirun finishes every job; if any failed it then exits with status 1 and one line per failed job, so a
+    scheduler or CI sees the failure. (Launchers that run jobs in other processes, joblib or submitit, keep their
+    own exit status; ``imsm.report`` lists the failed runs of any sweep.)
+    """
     sys.argv = strip_local_rank_arg(sys.argv)
     hydra_main()
+    if FAILED_JOBS:
+        print(f"\n{len(FAILED_JOBS)} job(s) of the sweep failed:", *FAILED_JOBS, sep="\n- ", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

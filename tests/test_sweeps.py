@@ -198,7 +198,8 @@ def test_smoke_multirun_then_report(tmp_path, data_dir, capsys):
 
 
 def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, data_dir):
-    """FreebaseQA has no training split: that job fails, the MRPC job still runs, the report says which failed."""
+    """FreebaseQA has no training split: that job fails, the MRPC job still runs, the report says which failed, the
+    sweep exits 1; run again over its directory, the finished job is not run again."""
     sweep = tmp_path / "sweep"
     command = [
         "experiment=smoke",
@@ -210,7 +211,11 @@ def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, data_dir):
         f"hydra.sweep.dir={sweep}",
     ]
     proc = run_train(command, data_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # every job ran; the sweep says one failed
+    assert (
+        "1 job(s) of the sweep failed:\n- #0 " in proc.stderr
+        and "no split given" in proc.stderr.splitlines()[-1]
+    )
     by_target = {r["dataset"]: r for r in job_metrics(sweep)}
     failed = by_target["freebaseqa"]
     assert failed["status"] == "failed" and "no split given" in failed["error"]

@@ -53,9 +53,9 @@ def test_unknown_option_lists_the_choices():
         ("dataset.eval_split='test[:x]'", r"bad split 'test\[:x\]'"),
         (
             "eval.scoring=generation",
-            r"eval.scoring='generation' is not one of \['both', 'generate', 'likelihood'\]",
+            r"eval.scoring='generation': Invalid value 'generation', expected one of \[generate, likelihood, both\]",
         ),
-        ("eval.autocast=int8", r"autocast='int8' is not one of \[null, fp32, bf16, fp16\]"),
+        ("eval.autocast=int8", r"eval.autocast='int8': Invalid value 'int8', expected one of \[fp32, bf16, fp16\]"),
     ],
 )
 def test_bad_evaluation_settings_fail_before_training(tmp_path, gsm_dir, override, message):

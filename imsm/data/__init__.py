@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
@@ -78,18 +79,40 @@ def load_split(
     return examples
 
 
-def dataset_names(conf_dir: Path = DATASET_CONF_DIR) -> list[str]:
-    return sorted(p.stem for p in conf_dir.glob("*.yaml"))
+def dataset_names(conf_dir: Path | None = None) -> list[str]:
+    """The dataset configs: those Hydra finds (``--config-dir`` / search path included) inside a Hydra app."""
+    loader = _hydra_loader() if conf_dir is None else None
+    if loader is not None:
+        return sorted(loader.get_group_options("dataset"))
+    return sorted(p.stem for p in (conf_dir or DATASET_CONF_DIR).glob("*.yaml"))
 
 
-def dataset_config(name: str, conf_dir: Path = DATASET_CONF_DIR) -> DictConfig:
-    """``conf/dataset/<name>.yaml``; an unknown name lists the choices."""
+def dataset_config(name: str, conf_dir: Path | None = None) -> DictConfig:
+    """``conf/dataset/<name>.yaml`` (inside a Hydra app, wherever its search path finds it); an unknown name lists
+    the choices."""
+    loader = _hydra_loader() if conf_dir is None else None
+    if loader is not None:
+        found = loader.repository.load_config(f"dataset/{name}")
+        if found is None:
+            raise DataError(
+                f"unknown dataset {name!r}; choices: {dataset_names()} (conf/dataset/ and --config-dir)"
+            )
+        return found.config
+    conf_dir = conf_dir or DATASET_CONF_DIR
     path = conf_dir / f"{name}.yaml"
     if not path.exists():
         raise DataError(f"unknown dataset {name!r}; choices: {dataset_names(conf_dir)} (files in {conf_dir})")
     cfg = OmegaConf.load(path)
     assert isinstance(cfg, DictConfig)
     return cfg
+
+
+def _hydra_loader() -> Any | None:
+    """The running Hydra app's config loader (it knows ``--config-dir`` and ``hydra.searchpath``), or None."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    instance = GlobalHydra.instance()
+    return instance.config_loader() if instance.is_initialized() else None
 
 
 __all__ = [

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from imsm.backbones import load_backbone
-from imsm.io import write_json, write_text_atomic
+from imsm.io import share, write_json, write_text_atomic
 from imsm.model.adapters import adapter_kind, saved_peft_type
 from imsm.model.families import prepare_backbone
 from imsm.model.gate import build_gate
@@ -75,6 +75,8 @@ def save_run(model: IMSMModel, run_dir: str | Path, cfg: DictConfig | None = Non
         state = {k: v.detach().contiguous().cpu() for k, v in model.gate.state_dict().items()}
         if state:
             save_file(state, str(run_dir / GATE_WEIGHTS))
+    # safetensors (peft's adapter file too) writes 0600: a team sharing a cluster must be able to read the run
+    share(*run_dir.glob("*.safetensors"), *(run_dir / ADAPTER_DIR).glob("*.safetensors"))
     write_json(run_dir / GATE_CONFIG, gate_meta(model.gate, model.pooling))
     if cfg is not None:
         write_text_atomic(run_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))

@@ -6,12 +6,11 @@ atomically, like every other report file. matplotlib runs headless (Agg).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from imsm.io import atomic_path
 from imsm.report.table import RowKey, Table
 
 
@@ -26,15 +25,8 @@ def _pyplot() -> Any:
 
 def write_figure(fig: Any, path: Path) -> None:
     """PNG written atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def heatmap(table: Table, path: Path) -> None:

@@ -1,0 +1,85 @@
+"""Behaving like the tools researchers already use (issue 20): quick --help, a run directory that holds its own log
+and Hydra record, files a team can read, relative paths under hydra.job.chdir, datasets from --config-dir."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import REPO
+from helpers import write_gsm
+
+from imsm.io import umask
+
+
+def run(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "IMSM_DATA_DIR"}
+    env.update(WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_help_and_cfg_answer_before_torch_loads(tmp_path):
+    for module in ("imsm.train", "imsm.evaluate"):
+        start = time.perf_counter()
+        done = run(["-m", module, "--help"], tmp_path)
+        elapsed = time.perf_counter() - start
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "Powered by Hydra" in done.stdout
+        assert elapsed < 5, f"{module} --help took {elapsed:.1f}s"  # was ~8 s (torch, transformers, peft)
+    evaluate_help = run(["-m", "imsm.evaluate", "--help"], tmp_path).stdout
+    assert "imsm.evaluate: evaluate a saved run" in evaluate_help
+    assert "Configuration groups" not in evaluate_help and "peft:" not in evaluate_help  # not its settings
+    cfg = run(["-m", "imsm.train", "backbone=tiny_llama", "--cfg", "job"], tmp_path)
+    assert cfg.returncode == 0 and "name: tiny_llama" in cfg.stdout
+
+
+def test_the_run_directory_holds_its_log_record_and_readable_files(tmp_path):
+    """hydra.job.chdir=true with relative paths, a dataset config from --config-dir evaluated as a forgetting set."""
+    write_gsm(tmp_path / "data")
+    extra = tmp_path / "extra" / "dataset"
+    extra.mkdir(parents=True)
+    yaml = (REPO / "imsm" / "conf" / "dataset" / "gsm8k.yaml").read_text()
+    (extra / "mygsm.yaml").write_text(yaml.replace("name: gsm8k", "name: mygsm"))
+    done = run(
+        [
+            "-m",
+            "imsm.train",
+            "--config-dir",
+            str(tmp_path / "extra"),
+            "backbone=tiny_llama",
+            "data_dir=data",  # relative to where the command starts, although the job runs in its run_dir
+            "run_dir=runs/one",
+            "hydra.job.chdir=true",
+            "eval_datasets=[mygsm]",
+            "eval.compare_base=false",
+            "max_train_samples=4",
+            "max_eval_samples=2",
+            "eval.max_new_tokens=3",
+            "trainer.args.max_steps=2",
+            "trainer.args.logging_steps=1",
+            "trainer.args.per_device_train_batch_size=2",
+            "trainer.effective_batch_size=2",
+        ],
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "one"
+    log = (run_dir / "train.log").read_text()
+    assert '] - step 1: {"loss": ' in log and "trainable: adapter" in log  # the curve and the summary
+    assert "step 1: {" not in done.stdout  # the progress bar shows the curve; the console does not repeat it
+    assert "eval_datasets=[mygsm]" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert not (tmp_path / "outputs").exists()  # no second folder for Hydra's record
+    assert (run_dir / "eval" / "mygsm").is_dir()
+    mode = 0o666 & ~umask()
+    private = [
+        str(p.relative_to(run_dir))
+        for p in run_dir.rglob("*")
+        if p.is_file() and stat.S_IMODE(p.stat().st_mode) != mode
+    ]
+    assert private == [], f"not {oct(mode)}: {private}"
