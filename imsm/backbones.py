@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -159,10 +160,11 @@ def load_backbone(
     if trust:
         log.warning("backbone %s runs remote code from its repository (trust_remote_code=true)", cfg.name)
     source = cfg.source
+    options = load_options(cfg)
     if source == "smollm2":
         path = local_path(cfg) if cfg.get("name_or_path") else prepare_smollm2()
         tokenizer = load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options)
     elif source == "hub":
         if not cfg.get("name_or_path"):
             raise ValueError(
@@ -172,7 +174,7 @@ def load_backbone(
         try:
             tokenizer = load_tokenizer(cfg.get("tokenizer") or cfg.name_or_path, trust_remote_code=trust)
             model = AutoModelForCausalLM.from_pretrained(
-                cfg.name_or_path, dtype=dtype, trust_remote_code=trust
+                cfg.name_or_path, dtype=dtype, trust_remote_code=trust, **options
             )
         except (OSError, ValueError) as e:  # offline hub ids, bad ids, incomplete directories
             raise OSError(
@@ -188,9 +190,43 @@ def load_backbone(
         raise ValueError(f"backbone.source={source!r} is not one of ['hub', 'smollm2', 'tiny']")
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(resolve_device(device if device is not None else cfg.get("device")))
+    if "device_map" not in options:  # a dispatched model (device_map) stays where accelerate placed it
+        model.to(resolve_device(device if device is not None else cfg.get("device")))
     model.eval()
     return model, tokenizer
+
+
+OWN_OPTIONS = ("dtype", "torch_dtype", "trust_remote_code", "gguf_file", "pretrained_model_name_or_path")
+
+
+def load_options(cfg: Any) -> dict[str, Any]:
+    """``backbone.load_kwargs`` for ``from_pretrained`` (``_target_`` nodes built, e.g. a ``BitsAndBytesConfig``).
+
+    The keys imsm sets from other settings are refused, naming the setting to use instead.
+    """
+    raw = cfg.get("load_kwargs") or {}
+    own = sorted(set(raw) & set(OWN_OPTIONS))
+    if own:
+        raise ValueError(
+            f"backbone.load_kwargs sets {own}: use backbone.dtype / backbone.trust_remote_code / "
+            "backbone.name_or_path instead (imsm passes those itself)"
+        )
+    if raw and cfg.source == "tiny":
+        raise ValueError("backbone.load_kwargs: a tiny random backbone is built, not loaded (source=tiny)")
+    from hydra.utils import instantiate
+
+    return {k: instantiate(v) if OmegaConf.is_config(v) and "_target_" in v else v for k, v in raw.items()}
+
+
+def public_name(cfg: Any) -> str | None:
+    """The base model as someone elsewhere would load it: ``hub_id``, else a hub ``name_or_path``; None for a
+    tiny random backbone or a local directory without a ``hub_id``."""
+    if cfg.get("hub_id"):
+        return str(cfg.hub_id)
+    name = cfg.get("name_or_path")
+    if cfg.get("source") == "hub" and name and not str(name).startswith(("/", ".", "~")):
+        return str(name)
+    return None
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 from helpers import write_gsm
 
@@ -83,3 +84,64 @@ def test_the_run_directory_holds_its_log_record_and_readable_files(tmp_path):
         if p.is_file() and stat.S_IMODE(p.stat().st_mode) != mode
     ]
     assert private == [], f"not {oct(mode)}: {private}"
+
+
+# --- backbones: loading options, the name saved adapters give their base model --------------------------------
+def test_loading_options_pass_through_to_from_pretrained(tmp_path):
+    from omegaconf import OmegaConf
+    from transformers import BitsAndBytesConfig
+
+    from imsm.backbones import load_backbone, load_options
+
+    tiny = OmegaConf.load(REPO / "imsm" / "conf" / "backbone" / "tiny_llama.yaml")
+    model, tokenizer = load_backbone(tiny)
+    model.save_pretrained(tmp_path / "local")
+    tokenizer.save_pretrained(tmp_path / "local")
+    cfg = OmegaConf.create(
+        {
+            "name": "local",
+            "source": "hub",
+            "name_or_path": str(tmp_path / "local"),
+            "dtype": "fp32",
+            "device": "cpu",
+            "load_kwargs": {"attn_implementation": "eager"},
+        }
+    )
+    loaded, _ = load_backbone(cfg)
+    assert loaded.config._attn_implementation == "eager"
+    cfg.load_kwargs = {"attn_implementation": "sdpa"}
+    assert load_backbone(cfg)[0].config._attn_implementation == "sdpa"
+
+    quantized = OmegaConf.create(
+        {
+            "source": "hub",
+            "load_kwargs": {"quantization_config": {"_target_": "transformers.BitsAndBytesConfig"}},
+        }
+    )
+    quantized.load_kwargs.quantization_config.load_in_4bit = True
+    options = load_options(quantized)
+    assert (
+        isinstance(options["quantization_config"], BitsAndBytesConfig)
+        and options["quantization_config"].load_in_4bit
+    )
+    cfg.load_kwargs = {"dtype": "bf16"}
+    with pytest.raises(ValueError, match=r"load_kwargs sets \['dtype'\]: use backbone.dtype"):
+        load_backbone(cfg)
+
+
+def test_saved_adapters_name_the_base_model_a_colleague_can_load(tiny_run):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from imsm.backbones import public_name
+
+    conf = REPO / "imsm" / "conf" / "backbone"
+    assert public_name(OmegaConf.load(conf / "smollm2.yaml")) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert public_name(OmegaConf.load(conf / "llama3.yaml")) == "meta-llama/Meta-Llama-3-8B"
+    local = OmegaConf.create({"source": "hub", "name_or_path": "/models/llama"})
+    assert public_name(local) is None  # a path on one machine means nothing on another
+    assert public_name(OmegaConf.merge(local, {"hub_id": "org/model"})) == "org/model"
+    run_dir, _ = tiny_run
+    adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] is None  # a tiny random backbone has no name to give

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from imsm.backbones import load_backbone
+from imsm.backbones import load_backbone, public_name
 from imsm.io import share, write_json, write_text_atomic
 from imsm.model.adapters import adapter_kind, saved_peft_type
 from imsm.model.families import prepare_backbone
@@ -70,6 +70,10 @@ def save_run(model: IMSMModel, run_dir: str | Path, cfg: DictConfig | None = Non
     """Adapter (peft format), gate (safetensors + json) and, if given, the resolved config."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg is not None:  # not the path on this machine: the name a colleague elsewhere loads (None: unknown)
+        name = public_name(cfg.backbone)
+        for config in model.peft_model.peft_config.values():
+            config.base_model_name_or_path = name
     model.peft_model.save_pretrained(run_dir / ADAPTER_DIR)
     if model.gate is not None:
         state = {k: v.detach().contiguous().cpu() for k, v in model.gate.state_dict().items()}
