@@ -43,6 +43,15 @@ def check_run_config(cfg: DictConfig) -> None:
     ):
         at_least_one(key, nullable=False)
     at_least_one("trainer.effective_batch_size", nullable=True)
+    at_least_one("eval.every_n_steps", nullable=True)
+    report_to = OmegaConf.select(cfg, "trainer.args.report_to", default=None)
+    reporters = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if [r for r in reporters if r != "none"]:
+        errors.append(
+            f"trainer.args.report_to={report_to!r}: imsm logs to W&B itself (logger=wandb: its config, metrics, gate "
+            "and artifact); transformers' own reporting would open a second run without them or log every row "
+            "twice. Use logger=wandb and leave trainer.args.report_to=none"
+        )
     for name, limit in (cfg.eval.get("limits") or {}).items():
         if limit is not None and (not _is_int(limit) or limit < 1):
             errors.append(f"eval.limits.{name}={limit!r}: must be null (all) or an integer >= 1")

@@ -431,11 +431,14 @@ class EvaluateAtSteps(TrainerCallback):
         settings: EvalSettings,
         steps: list[int],
         out_dir: str | Path,
+        report: Callable[[int, EvalResult], None] | None = None,
     ):
+        """``report(step, result)``: called with each step's scores (e.g. into the W&B run)."""
         bad = [s for s in steps if not isinstance(s, int) or isinstance(s, bool) or s < 1]
         if bad:
             raise ValueError(f"eval.at_steps must list optimizer steps >= 1; got {bad}")
         self.model, self.tokenizer, self.steps, self.out_dir = model, tokenizer, set(steps), Path(out_dir)
+        self.report = report
         per_dataset_default = [replace(d, scoring=None) for d in settings.datasets]
         self.settings = replace(
             settings, datasets=per_dataset_default, scoring="likelihood", compare_base=False
@@ -446,7 +449,9 @@ class EvaluateAtSteps(TrainerCallback):
             return
         was_training = self.model.training
         log.info("step %d: likelihood scoring of %d sets", state.global_step, len(self.settings.datasets))
-        evaluate_datasets(
+        result = evaluate_datasets(
             self.model, self.tokenizer, self.settings, self.out_dir / f"step-{state.global_step}"
         )
         self.model.train(was_training)
+        if self.report is not None:
+            self.report(state.global_step, result)

@@ -49,6 +49,7 @@ class EvalSchema:
     answer_eos: bool = True
     scoring_by_dataset: dict[str, Scoring] | None = None
     at_steps: list[int] = field(default_factory=list)
+    every_n_steps: int | None = None
     batch_size: int = 8
     max_new_tokens: int | None = None
     autocast: Autocast | None = None

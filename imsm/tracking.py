@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
@@ -58,7 +59,7 @@ def start(cfg: DictConfig, run_dir: Path) -> Any | None:
     return wandb.init(
         project=lg.project,
         entity=lg.get("entity"),
-        group=lg.get("group"),
+        group=lg.get("group") or sweep_group(),
         name=lg.get("run_name"),
         tags=list(lg.get("tags") or []),
         config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
@@ -68,14 +69,57 @@ def start(cfg: DictConfig, run_dir: Path) -> Any | None:
     )
 
 
-def trainer_callbacks(run: Any | None) -> list[Any]:
-    """``LogProgress`` always; with a W&B run, transformers' ``WandbCallback`` (it reuses the run: loss / lr curves)."""
-    callbacks: list[Any] = [LogProgress()]
+def trainer_callbacks(run: Any | None, model: Any = None) -> list[Any]:
+    """``GateStats`` (a model with a learned gate), ``LogProgress`` always; with a W&B run, transformers'
+    ``WandbCallback`` (it reuses the run: loss, lr and the gate's curves). Order matters: each sees the log rows the
+    ones before it added."""
+    callbacks: list[Any] = []
+    if (
+        model is not None
+        and getattr(model, "gate", None) is not None
+        and next(model.gate.parameters(), None) is not None
+    ):
+        callbacks.append(GateStats(model))
+    callbacks.append(LogProgress())
     if run is None:
         return callbacks
     from transformers.integrations import WandbCallback
 
     return [*callbacks, WandbCallback()]
+
+
+class GateStats(TrainerCallback):
+    """The gate during training, added to every log row: ``gate_mean`` / ``gate_std`` of g over the trained
+    positions (those predicting a response token; every feature), since the previous row.
+
+    g near 1 keeps the frozen model's state, near 0 the tuned one's. ``IMSMModel.forward`` mixes the streams at the
+    trained positions only, so in training the gate's output is (n_positions, d): a forward hook reads it, the model's
+    code is unchanged, and the sums stay on the device until a row is logged.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.sums: list[Any] = []  # [sum g, sum g^2, count] as tensors
+        model.gate.register_forward_hook(self._gate)
+
+    def _gate(self, module: Any, args: Any, g: Any) -> None:
+        if not self.model.training or g.dim() != 2:  # evaluation, or a caller mixing whole sequences
+            return
+        g = g.detach().float()
+        sums = [g.sum(), (g * g).sum(), torch.tensor(float(g.numel()), device=g.device)]
+        self.sums = sums if not self.sums else [a + b for a, b in zip(self.sums, sums, strict=True)]
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        if logs is None or not self.sums or "loss" not in logs:
+            return
+        total, squares, count = (float(x) for x in self.sums)
+        self.sums = []
+        if count > 0:
+            mean = total / count
+            logs["gate_mean"] = mean
+            logs["gate_std"] = max(squares / count - mean * mean, 0.0) ** 0.5
 
 
 # --- the job's log file ----------------------------------------------------------------------------------------
@@ -135,6 +179,41 @@ def log_results(run: Any | None, cfg: DictConfig, result: dict[str, Any], rows: 
             data=[[json.dumps(r.get(c)) if c == "gold" else r.get(c) for c in columns] for r in sample],
         )
         run.log({"predictions": table})
+
+
+def log_probe(run: Any | None, step: int, scores: dict[str, dict[str, Any]]) -> None:
+    """Scores of the evaluation during training (``eval.at_steps`` / ``every_n_steps``) at ``step``:
+    ``probe/<dataset>/<metric>`` on the training curves' step axis."""
+    if run is None:
+        return
+    row: dict[str, Any] = {"train/global_step": step}
+    for name, metrics in scores.items():
+        row.update({f"probe/{name}/{k}": v for k, v in flat_metrics(metrics).items()})
+    run.log(row)
+
+
+def log_artifact(run: Any | None, cfg: DictConfig, run_dir: Path) -> None:
+    """The trained run (adapter, gate, config, metrics: what ``load_model`` needs) as a W&B model artifact."""
+    if run is None or not cfg.logger.get("artifact", True) or not (run_dir / "adapter").is_dir():
+        return
+    import wandb
+
+    artifact = wandb.Artifact(f"imsm-{run.id}", type="model", metadata={"run_dir": str(run_dir)})
+    artifact.add_dir(str(run_dir / "adapter"), name="adapter")
+    for name in ("gate.safetensors", "gate.json", "config.yaml", "metrics.json"):
+        if (run_dir / name).is_file():
+            artifact.add_file(str(run_dir / name), name=name)
+    run.log_artifact(artifact)
+
+
+def sweep_group() -> str | None:
+    """An ad-hoc multirun's W&B group: its sweep directory (an experiment's sweep is grouped by its name)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return str(HydraConfig.get().sweep.dir)
+    return None
 
 
 def finish(run: Any | None, failed: bool = False) -> None:

@@ -119,8 +119,8 @@ def fit_and_evaluate(
         data_collator=TrainCollator(tokenizer.pad_token_id),
         gate_learning_rate=cfg.gate.get("lr"),
         run_config=cfg,
-        callbacks=tracking.trainer_callbacks(tracker)
-        + step_evaluation(cfg, model, tokenizer, evaluation, run_dir),
+        callbacks=tracking.trainer_callbacks(tracker, model)
+        + step_evaluation(cfg, model, tokenizer, evaluation, run_dir, total_steps, tracker),
     )
     main_process = trainer.is_world_process_zero()
     # resume=auto: the same command re-run in the same run_dir continues from its last complete checkpoint
@@ -148,6 +148,7 @@ def fit_and_evaluate(
     if main_process:
         write_record(run_dir, record)
         tracking.log_results(tracker, cfg, record.to_dict(), result.rows.get(ds.name, []))
+        tracking.log_artifact(tracker, cfg, run_dir)
         print("\n" + summary_table(record), flush=True)
         tracking.PROGRESS.info("\n%s", summary_table(record))  # the same table in <run_dir>/train.log
     tracking.finish(tracker)
@@ -172,15 +173,29 @@ def optimizer_steps(n_examples: int, args: Any, world: int) -> int:
 
 
 def step_evaluation(
-    cfg: DictConfig, model: IMSMModel, tokenizer: Any, settings: EvalSettings, run_dir: Path
+    cfg: DictConfig,
+    model: IMSMModel,
+    tokenizer: Any,
+    settings: EvalSettings,
+    run_dir: Path,
+    total_steps: int,
+    tracker: Any = None,
 ) -> list[EvaluateAtSteps]:
-    """``eval.at_steps``: likelihood scoring during training (``imsm.evaluation.EvaluateAtSteps``), or nothing."""
-    steps = list(cfg.eval.get("at_steps") or [])
+    """``eval.at_steps`` / ``eval.every_n_steps``: likelihood scoring during training (the forgetting curve,
+    ``imsm.evaluation.EvaluateAtSteps``; logged to W&B with ``logger=wandb``), or nothing."""
+    steps = set(cfg.eval.get("at_steps") or [])
+    every = cfg.eval.get("every_n_steps")
+    if every:
+        steps |= set(range(int(every), total_steps + 1, int(every)))
     if not steps or not cfg.eval.enabled:
         return []
     if zero3_enabled():  # the weights are sharded over the ranks: rank 0 alone cannot run a forward
         raise ValueError("eval.at_steps is not supported under DeepSpeed ZeRO-3; evaluate saved checkpoints")
-    return [EvaluateAtSteps(model, tokenizer, settings, steps, run_dir / STEPS_DIR)]
+
+    def report(step: int, result: EvalResult) -> None:
+        tracking.log_probe(tracker, step, result.model)
+
+    return [EvaluateAtSteps(model, tokenizer, settings, sorted(steps), run_dir / STEPS_DIR, report)]
 
 
 def save_trained(trainer: IMSMTrainer, model: IMSMModel, cfg: DictConfig, run_dir: Path) -> IMSMModel:

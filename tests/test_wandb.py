@@ -64,6 +64,7 @@ def test_offline_run_is_written_and_reads_back(tmp_path, gsm_dir, no_wandb_accou
             "trainer.args.logging_steps=1",
             "experiment_name=smoke",
             "seed=7",
+            "eval.every_n_steps=1",  # the forgetting curve: likelihood probes after steps 1 and 2
         ]
     )
     result = train(cfg)
@@ -79,6 +80,13 @@ def test_offline_run_is_written_and_reads_back(tmp_path, gsm_dir, no_wandb_accou
     assert logged["config"]["backbone"]["name"] == "tiny_llama" and logged["config"]["seed"] == 7
     losses = [h["train/loss"] for h in logged["history"] if "train/loss" in h]
     assert len(losses) == 2  # max_steps=2, logging_steps=1: the training curve
+    gates = [h["train/gate_mean"] for h in logged["history"] if "train/gate_mean" in h]
+    assert len(gates) == 2 and all(0 < g < 1 for g in gates)  # the gate, beside the loss
+    probes = [h for h in logged["history"] if "probe/gsm8k/lik_nll" in h]
+    assert [h["train/global_step"] for h in probes] == [1, 2]
+    models = [a for a in logged["artifacts"] if a["type"] == "model"]  # besides the predictions table
+    assert len(models) == 1
+    assert {"adapter/adapter_model.safetensors", "gate.safetensors", "config.yaml"} <= set(models[0]["files"])
     summary = logged["summary"]
     assert summary["eval/gsm8k/accuracy"] == result["metrics"]["accuracy"]
     assert summary["original/eval/gsm8k/n"] == 3 and summary["status"] == "ok"
@@ -86,6 +94,28 @@ def test_offline_run_is_written_and_reads_back(tmp_path, gsm_dir, no_wandb_accou
     assert summary["trainable_parameters"] == result["trainable_parameters"]["total"]
     tables = list(Path(offline[0]).rglob("predictions_*.table.json"))
     assert len(tables) == 1
+
+
+def test_an_ad_hoc_multirun_is_one_group_and_report_to_is_refused(tmp_path, gsm_dir):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from imsm import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train", ["logger=wandb", f"hydra.sweep.dir={tmp_path}/sweep"], return_hydra_config=True
+        )
+    cfg.hydra.mode = "MULTIRUN"
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert tracking.sweep_group() == f"{tmp_path}/sweep"
+        assert cfg.logger.group is None  # no experiment: the sweep directory groups its jobs
+    finally:
+        HydraConfig.instance().cfg = None
+    bad = compose_train([*tiny_overrides(tmp_path / "run", gsm_dir), "trainer.args.report_to=wandb"])
+    with pytest.raises(ValueError, match=r"report_to='wandb': imsm logs to W&B itself .*logger=wandb"):
+        train(bad)
 
 
 def test_logger_none_writes_no_wandb_directory(tmp_path, gsm_dir):

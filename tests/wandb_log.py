@@ -41,7 +41,8 @@ def _records(path: Path) -> list[bytes]:
 
 
 def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
-    """What an offline run logged: ``{"run": {name, group, project}, "config", "history": [...], "summary"}``.
+    """What an offline run logged: ``{"run": {name, group, project}, "config", "history": [...], "summary",
+    "artifacts": [{name, type, files}]}``.
 
     ``run_dir`` is ``wandb/offline-run-*`` or any directory above exactly one of them.
     """
@@ -50,7 +51,7 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
     files = sorted(Path(run_dir).rglob("run-*.wandb"))
     if len(files) != 1:
         raise FileNotFoundError(f"expected one run-*.wandb under {run_dir}, found {[str(f) for f in files]}")
-    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}}
+    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}, "artifacts": []}
 
     def value(item: Any) -> Any:
         return json.loads(item.value_json)
@@ -73,4 +74,9 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
             out["history"].append({key(i): value(i) for i in rec.history.item})
         elif kind == "summary":
             out["summary"].update({key(i): value(i) for i in rec.summary.update})
+        elif kind == "artifact":
+            files = [entry.path for entry in rec.artifact.manifest.contents]
+            out["artifacts"].append(
+                {"name": rec.artifact.name, "type": rec.artifact.type, "files": sorted(files)}
+            )
     return out
