@@ -30,8 +30,9 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed ## create .venv, install pinned packages, prepare the embedded model
 	$(PY) -m imsm.backbones prepare-smollm2
 
-run: setup ## set up, then train + evaluate the quickstart (SmolLM2-135M, LoRA, IMSM gate, GSM8K subset)
+run: setup ## set up, then the quickstart: SmolLM2-135M learns MRPC, vanilla LoRA vs LoRA + IMSM, what they kept of WebQ (a few minutes)
 	$(PY) -m imsm.train experiment=quickstart
+	$(PY) -m imsm.report.quickstart outputs/quickstart
 
 test: setup ## set up, then run the test suite (slow tests excluded)
 	$(PY) -m pytest -q

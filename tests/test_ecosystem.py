@@ -145,3 +145,44 @@ def test_saved_adapters_name_the_base_model_a_colleague_can_load(tiny_run):
     run_dir, _ = tiny_run
     adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] is None  # a tiny random backbone has no name to give
+
+
+# --- the quickstart: a target learned and forgetting measured, side by side ------------------------------------
+def test_the_quickstart_table_puts_frozen_vanilla_and_imsm_side_by_side(tmp_path):
+    from helpers import compose_train
+
+    from imsm.record import RunRecord, write_record
+    from imsm.report.quickstart import main
+
+    cfg = compose_train(["experiment=quickstart"])
+    assert (cfg.dataset.name, list(cfg.eval_datasets), cfg.eval.scoring) == ("mrpc", ["webq"], "likelihood")
+
+    def lik(nll: float, eos: float) -> dict:
+        return {"nll": {"mean": nll}, "p_eos_first": {"mean": eos}}
+
+    for gate, nll, eos, contains in (("none", 0.7, 0.6, 0.01), ("query_aware", 0.9, 0.3, 0.05)):
+        write_record(
+            tmp_path / gate,
+            RunRecord(
+                status="ok",
+                experiment="quickstart",
+                backbone="smollm2",
+                gate=gate,
+                dataset="mrpc",
+                seed=42,
+                global_steps=20,
+                train_examples=320,
+                eval_dataset_names=["webq"],
+                metrics={"likelihood": lik(nll, 0.0), "choice": {"accuracy": 0.68}},
+                base_metrics={"likelihood": lik(7.8, 0.02), "choice": {"accuracy": 0.37}},
+                eval_datasets={"webq": {"accuracy": contains, "likelihood": lik(6.5, eos)}},
+                base_eval_datasets={"webq": {"accuracy": 0.09, "likelihood": lik(7.0, 0.14)}},
+            ),
+        )
+    assert main([str(tmp_path)]) == 0
+    lines = (tmp_path / "quickstart.md").read_text().splitlines()
+    assert lines[0] == "| measure | frozen model | vanilla LoRA | LoRA + IMSM |"
+    assert "| mrpc: gold answer NLL (nats/token, lower = learned) | 7.800 | 0.700 | 0.900 |" in lines
+    assert "| webq: P(EOS first) (would not answer) | 0.140 | 0.600 | 0.300 |" in lines
+    assert "| webq: greedy answer contains gold | 0.090 | 0.010 | 0.050 |" in lines
+    assert any("one seed" in line for line in lines)
