@@ -8,9 +8,13 @@ never calls the task for these flags) and the process exits.
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from hydra.experimental.callback import Callback
 
 QUICK_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc")
 
@@ -64,3 +68,42 @@ def absolute_paths(cfg: Any, keys: tuple[str, ...]) -> None:
         if key.endswith("name_or_path") and not Path(absolute).exists():
             continue
         OmegaConf.update(cfg, key, absolute)
+
+
+# --- a sweep's exit status -------------------------------------------------------------------------------------
+FAILED_JOBS: list[
+    str
+] = []  # jobs of this process that failed without a record (e.g. a refused run directory)
+
+
+class SweepStatus(Callback):
+    """``hydra.callbacks``: after a multirun, exit 1 with one line per failed job if any failed.
+
+    Runs in the launching process once every job ended, whatever the launcher (basic, joblib, submitit): the failed
+    jobs are the records with ``status: failed`` written under the sweep directory during this sweep, plus those
+    this process saw fail without a record.
+    """
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        self.started = time.time()
+        FAILED_JOBS.clear()
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        failed = list(FAILED_JOBS)
+        for path in sorted(Path(config.hydra.sweep.dir).rglob("metrics.json")):
+            try:
+                if path.stat().st_mtime < getattr(self, "started", 0):
+                    continue
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and data.get("status") == "failed" and "backbone" in data:
+                failed.append(f"{path.parent}: {data.get('error')}")
+        if failed:
+            print(
+                f"\n{len(failed)} job(s) of the sweep failed:",
+                *dict.fromkeys(failed),
+                sep="\n- ",
+                file=sys.stderr,
+            )
+            sys.exit(1)

@@ -13,7 +13,7 @@ sweep goes on and ``imsm.report`` shows the cell as failed; a single run exits n
 
 from __future__ import annotations
 
-from imsm.cli import absolute_paths, quick_answer
+from imsm.cli import FAILED_JOBS, absolute_paths, quick_answer
 
 quick_answer(__name__, "train")  # --help, --cfg, --info: answered before the heavy imports below
 
@@ -50,7 +50,7 @@ from imsm.model.build import build_model, load_model, save_model
 from imsm.model.siamese import IMSMModel
 from imsm.record import RECORDED, RunRecord, flat_metrics, write_record
 from imsm.resilience import CHECKPOINTS, explain_oom, rank_failures, resolve_resume
-from imsm.rundir import claim_run_dir
+from imsm.rundir import RunDirError, claim_run_dir
 from imsm.training import IMSMTrainer, training_arguments
 
 log = logging.getLogger(__name__)
@@ -346,27 +346,21 @@ def hydra_main(cfg: DictConfig) -> None:
             record_failure(cfg, e, time.perf_counter() - start)
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise
-        FAILED_JOBS.append(f"#{HydraConfig.get().job.num} {cfg.run_dir}: {type(e).__name__}: {e}")
+        if isinstance(e, RunDirError):  # no record of its own (not its directory to write); others have one
+            FAILED_JOBS.append(f"{cfg.run_dir}: {type(e).__name__}: {e}")
         log.error(
             "job failed (the sweep goes on; metrics.json has status failed): %s: %s", type(e).__name__, e
         )
 
 
-FAILED_JOBS: list[str] = []  # the failed jobs of a multirun in this process (Hydra's basic launcher)
-
-
 def main() -> None:
     """``python -m imsm.train`` / ``imsm-train``: drops the deepspeed launcher's ``--local_rank=N`` (Hydra rejects it).
 
-    A multirun finishes every job; if any failed it then exits with status 1 and one line per failed job, so a
-    scheduler or CI sees the failure. (Launchers that run jobs in other processes, joblib or submitit, keep their
-    own exit status; ``imsm.report`` lists the failed runs of any sweep.)
+    A multirun finishes every job; if any failed it then exits with status 1 and one line per failed job
+    (``imsm.cli.SweepStatus``, a Hydra callback), so a scheduler or CI sees the failure.
     """
     sys.argv = strip_local_rank_arg(sys.argv)
     hydra_main()
-    if FAILED_JOBS:
-        print(f"\n{len(FAILED_JOBS)} job(s) of the sweep failed:", *FAILED_JOBS, sep="\n- ", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":
