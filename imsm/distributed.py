@@ -10,8 +10,14 @@
   shared checkpoint (a multi-node run needs ``run_dir`` on a shared filesystem).
 - ZeRO-3 partitions every weight, the frozen backbone's included. DeepSpeed's forward hooks gather a module's
   weights whenever that module runs, with or without gradients, so the frozen stream (the same modules with the
-  adapter off, under ``no_grad``) sees full weights. A rank-0-only evaluation cannot join those gathers, so after a
+  adapter off, under ``no_grad``) sees full weights; the adapter's modules do not run there and are not gathered.
+  The gate runs once per forward, after both streams, with gradients: its weights are gathered like the adapter's,
+  except those at or below ``stage3_param_persistence_threshold`` (10 x hidden size under ``auto``: the gate's
+  ``W_B``, r x d with r < 10), which stay whole on every rank. Gradients, fp32 master weights and optimizer states
+  of adapter and gate are partitioned either way. A rank-0-only evaluation cannot join the gathers, so after a
   ZeRO-3 run rank 0 reloads the saved run unsharded (``leave_zero3``) and evaluates that.
+- DeepSpeed on CPU (tests, CPU clusters): accelerate recognises no multi-process DeepSpeed launch there and would
+  let every rank train alone as rank 0 of 1; ``deepspeed_cpu_ranks`` makes it count the ranks (gloo).
 - Activation checkpointing (``enable_activation_checkpointing``): non-reentrant, on the backbone's decoder layers,
   with inputs that require grad (the adapter's gradients must flow through frozen embeddings). The frozen stream runs
   under ``no_grad``, where checkpointing has nothing to save.
@@ -25,6 +31,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,14 +92,63 @@ def launcher_arguments(args: dict[str, Any], world_size: int) -> dict[str, Any]:
     return args
 
 
+@contextlib.contextmanager
+def deepspeed_cpu_ranks(args: dict[str, Any], world_size: int) -> Iterator[None]:
+    """Inside (around ``TrainingArguments(...)``): a multi-process DeepSpeed launch on CPU counts its ranks.
+
+    accelerate (1.x) takes a launch for a distributed one only on a device it knows (CUDA, XPU, NPU, ...) or with
+    ``use_cpu``, which turns DeepSpeed off. For DeepSpeed on CPU it records no backend, one process and rank 0 on
+    every rank, although ``deepspeed.comm`` has joined them in a gloo group: each rank would train alone on all the
+    data and write as the main process. Inside, accelerate's backend lookup answers gloo (its CPU choice) where it
+    found none; DeepSpeed then joins the ranks over gloo, and accelerate counts them and marks the run as DeepSpeed.
+    A no-op with CUDA, without DeepSpeed or with one process.
+    """
+    if not args.get("deepspeed") or world_size == 1 or torch.cuda.is_available():
+        yield
+        return
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    original = PartialState._prepare_backend
+
+    def prepare_backend(self: Any, cpu: bool = False, sagemaker_dp: bool = False, backend: Any = None) -> Any:
+        found = original(self, cpu, sagemaker_dp, backend)
+        return found if found[0] is not None else ("gloo", DistributedType.MULTI_CPU)
+
+    PartialState._prepare_backend = prepare_backend  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        PartialState._prepare_backend = original  # type: ignore[method-assign]
+
+
+def defer_termination() -> None:
+    """With several processes: the launcher's SIGTERM is logged instead of ending this process at once.
+
+    torchrun sends SIGTERM to the other ranks when one fails (e.g. a NaN only it saw). Killed at once, rank 0 would
+    never write ``metrics.json``. Deferred, rank 0 fails at its next collective (the stopped rank's connections are
+    closed) and its failure handling records the first rank's own error (``imsm.resilience.rank_failures``); a rank
+    stuck for longer is still ended by the launcher's SIGKILL after its grace period.
+    """
+    if world_size() <= 1 or threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        log.warning(
+            "rank %d: SIGTERM from the launcher (another rank stopped); ending at the next collective", rank()
+        )
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def check_world_size(args: Any, expected: int) -> None:
     """Fail fast when the launcher started ``expected`` processes but Trainer would not train them together."""
     args.device  # noqa: B018 - sets up the process group (a cached property) so world_size is the real one
     if expected > 1 and args.world_size != expected:
         raise RuntimeError(
             f"WORLD_SIZE={expected} processes were launched but Trainer sees {args.world_size}: they would train "
-            "alone, each on all the data. Multi-process DeepSpeed needs GPUs (accelerate runs DeepSpeed on CPU as one "
-            "process per rank): on CPU use trainer=ddp; check trainer.args.use_cpu / ddp_backend."
+            "alone, each on all the data. Check trainer.args.use_cpu / ddp_backend and that the launcher (torchrun, "
+            "deepspeed, accelerate launch) started the processes together."
         )
 
 

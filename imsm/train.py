@@ -36,7 +36,13 @@ from imsm import CONF_DIR, tracking
 from imsm.checks import check_run_config
 from imsm.data import Examples, load_split
 from imsm.data.collate import TokenizedDataset, TrainCollator
-from imsm.distributed import agree_run_dir, leave_zero3, strip_local_rank_arg, zero3_enabled
+from imsm.distributed import (
+    agree_run_dir,
+    defer_termination,
+    leave_zero3,
+    strip_local_rank_arg,
+    zero3_enabled,
+)
 from imsm.evaluation import (
     MODEL_DIR,
     STEPS_DIR,
@@ -77,6 +83,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ds, world = cfg.dataset, int(os.environ.get("WORLD_SIZE", 1))
     train_examples = load_split(ds, cfg.data_dir, ds.train_split, cfg.max_train_samples)
     args = training_arguments(cfg, str(resolve_run_dir(cfg) / CHECKPOINTS), world_size=world)
+    defer_termination()  # several ranks: the launcher's SIGTERM still lets this job record its failure
     # one run directory for all ranks (each rank's Hydra resolved its own timestamp); needs the process group
     run_dir = agree_run_dir(resolve_run_dir(cfg), hydra_output_dir())
     args.output_dir = str(run_dir / CHECKPOINTS)

@@ -11,6 +11,8 @@
   peft would add it) and ``AdaLoraCallback`` re-allocates the rank budget every optimizer step.
 - LoRAMoE: the loss gets its localized balancing constraint (the batch's ``task_type`` and the routing weights
   the tuned stream recorded), as the official model adds it to its own loss.
+- ``trainer.cache_frozen`` (read from the run config): the training set's items carry their index, and the frozen
+  stream's states are stored in the first epoch and read in the later ones (``imsm.model.frozen_cache``).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from imsm import distributed, resilience
+from imsm.data.collate import IndexedDataset
 from imsm.model.adalora import AdaLoraCallback, adalora_config, orthogonal_regularisation
 from imsm.model.build import save_model
+from imsm.model.frozen_cache import frozen_cache_for
 from imsm.model.loramoe import loramoe_model
 from imsm.model.siamese import IMSMModel
 
@@ -62,6 +66,18 @@ class IMSMTrainer(Trainer):
                 model.backbone, self.args.activation_checkpointing_kwargs
             )
             self.args.activation_checkpointing = self.args.gradient_checkpointing = False
+        cache_frozen = run_config is not None and OmegaConf.select(
+            run_config, "trainer.cache_frozen", default=False
+        )
+        if isinstance(model, IMSMModel):
+            # later epochs read the frozen stream's states instead of running it (imsm.model.frozen_cache)
+            model.frozen_cache = (
+                frozen_cache_for(model, distributed.zero3_enabled(), self.args.world_size)
+                if cache_frozen
+                else None
+            )
+            if model.frozen_cache is not None:
+                self.train_dataset = IndexedDataset(self.train_dataset)
         needs_allocation = isinstance(model, IMSMModel) and adalora_config(model.peft_model) is not None
         if needs_allocation and not any(
             isinstance(c, AdaLoraCallback) for c in self.callback_handler.callbacks
@@ -271,8 +287,9 @@ def training_arguments(cfg: DictConfig, output_dir: str, world_size: int = 1) ->
         args["gradient_accumulation_steps"] = max(1, math.ceil(int(effective) / (per_device * world_size)))
     args.setdefault("report_to", "none")
     args = distributed.launcher_arguments(args, world_size)
-    training_args = TrainingArguments(
-        output_dir=output_dir, seed=int(cfg.seed), remove_unused_columns=False, **args
-    )
-    distributed.check_world_size(training_args, world_size)
+    with distributed.deepspeed_cpu_ranks(args, world_size):
+        training_args = TrainingArguments(
+            output_dir=output_dir, seed=int(cfg.seed), remove_unused_columns=False, **args
+        )
+        distributed.check_world_size(training_args, world_size)
     return training_args
