@@ -1,16 +1,18 @@
 """Side-by-side benchmark: IMSM vs vanilla PEFT (and vs the authors' naive decoder), ratios from one run.
 
 ``make bench`` runs this module on the embedded SmolLM2; ``--quick`` uses tiny_llama; ``--device cuda``
-on a GPU. Models come from the run config (``backbone=... peft=lora gate=...``, built by ``imsm.model.build``), so
-the benchmark times what training builds. Contenders alternate inside every repeat (``imsm.timing``), each number
-is a median over repeats with its spread (min-max), and the JSON lands in ``outputs/bench/``. What is measured:
+on a GPU. Models come from the run config (``backbone=... peft=... gate=...``, built by ``imsm.model.build``), so
+the benchmark times what training builds; ``--peft <method>`` (a conf/peft file, default ``lora``) picks the
+method. Contenders alternate inside every repeat (``imsm.timing``), each number is a median over repeats with its
+spread (min-max), and the JSON lands in ``outputs/bench/``. What is measured:
 
-1. training step time (forward + backward + AdamW step), LoRA, batch 8 x 128 tokens: IMSM (``query_aware``) vs
+1. training step time (forward + backward + AdamW step), batch 8 x 128 tokens: IMSM (``query_aware``) vs
    vanilla (``gate=none``, same code), fp32 and bf16 autocast; beside them vanilla PEFT through transformers' own
    loss (``peft_model(..., labels=...)``) and the frozen forward alone, whose time over vanilla's is the ratio's
    floor for any exact IMSM step (it must run the frozen model once);
 2. greedy decoding tokens/s after a ~100-token prompt, 128 new tokens (EOS ignored), batch 1 and 8: IMSM vs
-   vanilla through the same decoder, and vanilla through ``model.generate``;
+   vanilla through the same decoder, and vanilla through ``model.generate``; ``imsm_unfused`` is IMSM in two
+   passes per step instead of one doubled batch (``imsm.model.fusion``);
 3. peak memory of each (RSS of a fresh subprocess on CPU; ``torch.cuda.max_memory_allocated`` on GPU);
 4. IMSM vs the naive decoder (two model copies, no KV cache, full recomputation each step) at 256 new tokens.
 
@@ -43,15 +45,17 @@ from imsm.model.siamese import IMSMModel, pool_query
 from imsm.timing import alternate, decode_fn, peak_memory_mib, prompt_batch
 
 REPO = Path(__file__).resolve().parents[1]
-LORA_B_STD = 0.02  # scale of the random LoRA B (see randomize_lora_b)
+NOISE_STD = 0.02  # scale of the noise that moves each adapter off its no-op start (see randomize_adapter)
+# AdaLoRA's rank schedule needs the run's optimizer steps; the benchmark's steps never re-allocate ranks
+BENCH_TOTAL_STEPS = 1000
 
 
-def run_config(backbone: str, gate: str, device: str, dtype: str = "fp32") -> DictConfig:
-    """The training run's config for this backbone and gate, with LoRA (the paper's settings from conf/peft)."""
+def run_config(backbone: str, gate: str, device: str, dtype: str = "fp32", peft: str = "lora") -> DictConfig:
+    """The training run's config for this backbone, gate and method (the paper's settings from conf/peft)."""
     overrides = [
         f"backbone={backbone}",
         f"gate={gate}",
-        "peft=lora",
+        f"peft={peft}",
         f"backbone.dtype={dtype}",
         f"backbone.device={device}",
     ]
@@ -59,39 +63,46 @@ def run_config(backbone: str, gate: str, device: str, dtype: str = "fp32") -> Di
         return compose(config_name="train", overrides=overrides)
 
 
-def randomize_lora_b(model: IMSMModel, seed: int, std: float = LORA_B_STD) -> None:
-    """Give every LoRA B matrix seeded normal values.
+def randomize_adapter(model: IMSMModel, seed: int, std: float = NOISE_STD) -> None:
+    """Add seeded normal noise to every adapter parameter that starts constant: the no-op part of its init.
 
-    A fresh adapter has B = 0 (peft's default), so the tuned stream would equal the frozen one: the benchmark
-    would time an adapter that changes nothing, and the naive decoder's check against IMSM (same tokens) would
-    hold trivially. A non-zero B makes the two streams differ as they do after training. The values come from a
-    CPU generator, so they are the same on every device.
+    A fresh adapter changes nothing (LoRA's and LoRAMoE's B = 0, AdaLoRA's E = 0, LoHa's w2_b = 0, IA3's vectors
+    = 1), so the tuned stream would equal the frozen one: the benchmark would time an adapter that changes nothing,
+    and the naive decoder's check against IMSM (same tokens) would hold trivially. With LoRA this gives every B
+    matrix seeded normal values (the other parameters are not constant). The values come from a CPU generator, so
+    they are the same on every device.
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for p in model.peft_model.parameters():
+            if p.requires_grad and p.numel() and bool((p == p.reshape(-1)[0]).all()):
+                p.add_((torch.randn(p.shape, generator=gen) * std).to(p.dtype))
 
 
 def build(
-    backbone: str, gate: str, device: str, dtype: str = "fp32", seed: int = 0, random_init: str | None = None
+    backbone: str,
+    gate: str,
+    device: str,
+    dtype: str = "fp32",
+    seed: int = 0,
+    random_init: str | None = None,
+    peft: str = "lora",
 ) -> tuple[IMSMModel, Any]:
-    """The run's model (backbone + LoRA + gate, ``imsm.model.build``) with a random non-zero LoRA B.
+    """The run's model (backbone + ``peft``'s adapter + gate, ``imsm.model.build``), moved off its no-op start.
 
     ``random_init``: a model directory whose config (and tokenizer) are used with random weights: timing does not
     depend on the weights' values (EOS is ignored), and a config is a few KB where the weights are not.
     """
-    cfg = run_config(backbone, gate, device, dtype)
+    cfg = run_config(backbone, gate, device, dtype, peft)
     torch.manual_seed(seed)
     if random_init:
         tok = load_tokenizer(random_init)
         config = AutoConfig.from_pretrained(random_init)
         backbone_model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
-        model = wrap_backbone(backbone_model.to(device).eval(), cfg)
+        model = wrap_backbone(backbone_model.to(device).eval(), cfg, BENCH_TOTAL_STEPS)
     else:
-        model, tok = build_model(cfg)
-    randomize_lora_b(model, seed)
+        model, tok = build_model(cfg, total_steps=BENCH_TOTAL_STEPS)
+    randomize_adapter(model, seed)
     return model, tok
 
 
@@ -205,6 +216,8 @@ def peak_memory(args: argparse.Namespace, contender: str, extra: list[str]) -> f
         contender,
         "--backbone",
         args.backbone,
+        "--peft",
+        args.peft,
         "--device",
         args.device,
         *(["--random-init", args.random_init] if args.random_init else []),
@@ -220,7 +233,7 @@ def memory_probe(args: argparse.Namespace) -> None:
     The transient peak of loading the weights is outside the measured span (``imsm.timing.peak_memory_mib``).
     """
     kind, gate = args.memory_probe.split(":")
-    model, tok = build(args.backbone, gate, args.device, random_init=args.random_init)
+    model, tok = build(args.backbone, gate, args.device, random_init=args.random_init, peft=args.peft)
     if kind == "train":
         batch = train_batch(len(tok), 8, 128, 64, args.device)
         fn = train_step_fn(model, batch, "fp32", args.device)
@@ -239,6 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dev = args.device
     results: dict[str, Any] = {
         "backbone": args.backbone,
+        "peft": args.peft,
         "device": dev,
         "repeats": args.repeats,
         "torch": torch.__version__,
@@ -248,7 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "random_init": args.random_init,
     }
-    imsm, tok = build(args.backbone, "query_aware", dev, random_init=args.random_init)
+    imsm, tok = build(args.backbone, "query_aware", dev, random_init=args.random_init, peft=args.peft)
     vanilla = IMSMModel(imsm.peft_model, None)  # same weights, same code, no frozen stream and no gate
     ratios: dict[str, float] = {}
 
@@ -355,6 +369,7 @@ def verdict(name: str, value: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="smollm2")
+    p.add_argument("--peft", default="lora", help="the method, a conf/peft file name (lora, dora, ia3, ...)")
     p.add_argument(
         "--quick", action="store_true", help="tiny_llama, fewer repeats: checks the script in seconds"
     )
@@ -382,13 +397,18 @@ def main(argv: list[str] | None = None) -> None:
         args.new_tokens, args.naive_tokens = 32, 64
     results = run(args)
     print(
-        f"\nIMSM vs vanilla PEFT on {args.backbone}, {results['machine']}, {args.repeats} repeats (median):"
+        f"\nIMSM vs vanilla PEFT ({args.peft}) on {args.backbone}, {results['machine']}, {args.repeats} repeats "
+        "(median):"
     )
     for name, value in results["ratios"].items():
         print(f"  {name:56} {value:7.3f}  {verdict(name, value)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench_{args.backbone}_{args.device.split(':')[0]}_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    method = "" if args.peft == "lora" else f"{args.peft}_"  # LoRA runs keep their earlier file names
+    path = (
+        out
+        / f"bench_{args.backbone}_{method}{args.device.split(':')[0]}_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    )
     path.write_text(json.dumps(results, indent=2))
     print(f"wrote {path}")
 

@@ -68,6 +68,7 @@ NOT_TRAINING = (
     "trainer.args.disable_tqdm",
     "trainer.args.dataloader_num_workers",
     "trainer.args.report_to",
+    "trainer.cache_frozen",  # the same steps, with the frozen states read back instead of recomputed
 )
 EVALUATION = ("eval", "eval_datasets", "max_eval_samples")
 NOT_EVALUATION = ("eval.original_cache", "eval.batch_size")  # change how, not what, evaluation computes

@@ -114,6 +114,32 @@ def test_bench_builds_the_training_runs_model_with_a_seeded_nonzero_lora_b():
     assert vanilla.gate is None and next(vanilla.peft_model.parameters()).dtype == torch.bfloat16
 
 
+SLOW = pytest.mark.slow  # ~1.5 s each on an idle 2-core CPU; the fusion itself: tests/test_fusion_methods.py
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["adalora", "ia3", "loramoe", pytest.param("dora", marks=SLOW), pytest.param("loha", marks=SLOW)],
+)
+def test_bench_builds_every_method_off_its_no_op_start_and_fused(method):
+    """``--peft <method>``: the run config's adapter, moved off its no-op start; IMSM decodes it as one doubled
+    batch, and the naive decoder (a plain copy of the backbone beside it) gives the same tokens."""
+    model, _ = bench.build("tiny_llama", "query_aware", "cpu", peft=method)
+    assert model.peft_model.peft_config[model.peft_model.active_adapter].peft_type.value == (
+        "LORA" if method == "dora" else method.upper()
+    )
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    mask = torch.ones_like(ids)
+    model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(
+            model.stream_hidden(ids, mask, adapter=True), model.stream_hidden(ids, mask, adapter=False)
+        )
+    assert model.can_fuse_streams()
+    fast = model.generate(ids, mask, max_new_tokens=4, eos_token_id=-1, pad_token_id=0)
+    assert bench.NaiveSiamese(model).generate(ids, 4).tolist() == fast.tolist()
+
+
 def test_random_init_takes_the_architecture_from_a_config_directory(tmp_path):
     arch = LlamaConfig(
         vocab_size=len(load_tokenizer(prepare_smollm2())),

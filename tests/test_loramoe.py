@@ -327,7 +327,8 @@ def test_trainable_count_and_checks_under_imsm():
     counts = model.trainable_parameters()
     assert counts["adapter"] == loramoe_count([(32, 64), (32, 64), (64, 32)], 2)
     assert counts["gate"] == 5 * 32 * 8
-    assert not model.can_fuse_streams()  # no per-row adapter selection: two separate streams
+    # the experts run on the tuned half of the doubled batch (imsm.model.fused_layers)
+    assert model.can_fuse_streams()
 
 
 def test_package_is_laid_out_like_a_peft_tuner_and_keeps_its_names():

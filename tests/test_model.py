@@ -267,7 +267,8 @@ def test_fused_doubled_batch_equals_two_streams(gate):
         assert row[: len(expected)] == expected
 
 
-def test_dora_is_not_fused():
+def test_dora_is_fused():
+    """DoRA's magnitude rescaling runs on the tuned half of the doubled batch (tests/test_fusion_methods.py)."""
     from peft import LoraConfig
 
     model = make_imsm(
@@ -276,7 +277,7 @@ def test_dora_is_not_fused():
             r=4, target_modules=["q_proj", "v_proj"], use_dora=True, task_type="CAUSAL_LM"
         ),
     )
-    assert not model.can_fuse_streams()
+    assert model.can_fuse_streams()
 
 
 # --- gates by _target_ (conf/gate/*.yaml) ------------------------------------------------------------------------

@@ -8,7 +8,8 @@ it; otherwise (or when even the whole passage is not enough) the prompt keeps it
 put the question and the answer cue. Truncations are counted, never silent.
 
 Training batches are right-padded: ``input_ids``, ``attention_mask``, ``labels`` (-100 on prompt and pad),
-``query_mask`` (1 on prompt tokens), and ``task_type`` (one per row, from the dataset's setting) when set.
+``query_mask`` (1 on prompt tokens), ``task_type`` (one per row, from the dataset's setting) when set, and ``index``
+(each row's position in the training set) when the dataset is an ``IndexedDataset`` (``trainer.cache_frozen``).
 Generation batches are left-padded prompts (all real tokens are query).
 """
 
@@ -166,10 +167,25 @@ class TokenizedDataset(Dataset):
         return self.features[i]
 
 
+class IndexedDataset(Dataset):
+    """A training set whose items also carry their position, ``{..., "index": [i]}``: the key under which
+    ``imsm.model.frozen_cache`` stores each example's frozen states (the collator makes it an ``index`` tensor)."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return {**self.data[i], "index": [i]}
+
+
 @dataclass
 class TrainCollator:
     """Right-pads features into ``input_ids, attention_mask, labels, query_mask`` (all (batch, seq)), plus
-    ``task_type`` (batch,) when the examples carry one (LoRAMoE's balancing constraint reads it)."""
+    ``task_type`` (batch,) when the examples carry one (LoRAMoE's balancing constraint reads it) and ``index``
+    (batch,) when they carry their position (``IndexedDataset``)."""
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
@@ -204,6 +220,8 @@ class TrainCollator:
                     "in every conf/dataset file of the mix (1 world-knowledge QA, 0 other)"
                 )
             batch["task_type"] = torch.tensor([t[0] for t in types], dtype=torch.long)
+        if all("index" in f for f in features):
+            batch["index"] = torch.tensor([f["index"][0] for f in features], dtype=torch.long)
         return batch
 
 

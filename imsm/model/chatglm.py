@@ -38,7 +38,7 @@ class ChatGLMFamily:
 
     name = "chatglm"
     batch_first = (
-        False  # layers see (seq, batch, d): peft's per-row adapter_names (fused streams) cannot apply
+        False  # layers see (seq, batch, d): the fused streams' row halves are not dim 0 (two passes)
     )
 
     def prepare(self, model: nn.Module) -> None:

@@ -9,9 +9,10 @@ A researcher can put anything peft accepts into ``peft.config``. IMSM is exact o
 2. **The head that reads the mix is the frozen, shared head.** ``logits = lm_head(g h_M + (1 - g) h_M')``: an adapter
    on ``lm_head`` (LoRA ``target_modules``, ``modules_to_save``, or ``trainable_token_indices`` on tied embeddings,
    which peft mirrors onto the head) would train the head and change the frozen model's logits.
-3. **Stream fusion is exact** (``imsm.model.fusion.can_fuse_streams``): only plain ``lora.Linear`` layers can run the
-   two streams as halves of one batch; any other adapted module (a LoRA embedding, a ``modules_to_save`` copy,
-   trainable tokens, a DoRA or other variant) makes the model fall back to two passes instead of being wrong.
+3. **Stream fusion is exact** (``imsm.model.fusion.can_fuse_streams``): only the linear layers of LoRA (plain or
+   DoRA), AdaLoRA, IA3, LoHa and LoRAMoE can run the two streams as halves of one batch
+   (``imsm.model.fused_layers``); any other adapted module (a LoRA embedding, a ``modules_to_save`` copy, trainable
+   tokens, another LoRA variant or peft method) makes the model fall back to two passes instead of being wrong.
 
 ``imsm.model.build.wrap_backbone`` takes ``fingerprints`` of the backbone, attaches the adapter, then calls
 ``check_adapter`` for (1) and (2), which raises ``ValueError`` naming the option and why; (3) is decided per model

@@ -5,7 +5,8 @@ the *same* module run inside ``peft_model.disable_adapter()`` without gradients;
 adapter. Both return the decoder's last hidden state (after the final norm); full-vocabulary logits are only ever
 computed once, on the mixed state, and in training only at the response positions that carry a label.
 
-Training (``forward``): ``h = g * h_M + (1 - g) * h_M'``, ``logits = lm_head(h)``, cross-entropy on the response.
+Training (``forward``): ``h = g * h_M + (1 - g) * h_M'``, ``logits = lm_head(h)``, cross-entropy on the response;
+with ``trainer.cache_frozen`` the epochs after the first read h_M and q_M back (``imsm.model.frozen_cache``).
 Generation (``generate``): both streams keep their own KV cache; the query means are computed once at prefill. The
 decoding loop lives in ``imsm.model.decoding``, the doubled-batch stream fusion in ``imsm.model.fusion``, the run
 directory format in ``imsm.model.checkpoint``; this module keeps the model itself.
@@ -36,6 +37,8 @@ from imsm.model.guard import backbone_parameters_that_train
 if TYPE_CHECKING:
     from omegaconf import DictConfig
     from transformers import PreTrainedTokenizerBase
+
+    from imsm.model.frozen_cache import FrozenCache
 
 __all__ = ["IGNORE_INDEX", "STREAMS", "IMSMModel", "IMSMOutput", "pool_query", "positions_from_mask"]
 
@@ -90,6 +93,8 @@ class IMSMModel(nn.Module):
         self.gate = gate
         self.pooling = pooling
         self.config = peft_model.get_base_model().config  # HF Trainer and accelerate look for it
+        # trainer.cache_frozen: the frozen stream's states per training example (imsm.model.frozen_cache)
+        self.frozen_cache: FrozenCache | None = None
 
     # --- pieces of the backbone -------------------------------------------------------------------------
     @property
@@ -212,6 +217,7 @@ class IMSMModel(nn.Module):
         labels: torch.Tensor | None = None,
         return_logits: bool = False,
         task_type: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
     ) -> IMSMOutput:
         """Loss on response tokens (and optionally logits at every position).
 
@@ -222,8 +228,27 @@ class IMSMModel(nn.Module):
             return_logits: also return (batch, seq, vocab) logits (tests and debugging; costly).
             task_type: (batch,) per-row task type from the collator; unused here: ``IMSMTrainer.compute_loss``
                 reads it from the batch for LoRAMoE's balancing loss, which needs the routing of this forward.
+            index: (batch,) each row's index in the training set (``IndexedDataset``): with a ``frozen_cache``,
+                a training step reads the frozen stream's states from it instead of running the frozen stream.
         """
-        base, tuned, bq, tq = self.streams(input_ids, attention_mask, query_mask)
+        cached = (
+            self.frozen_cache is not None
+            and index is not None
+            and labels is not None
+            and not return_logits
+            and self.training
+            and self.gate is not None
+        )
+        if cached:  # the tuned stream only; the frozen states come from the cache at the labelled positions
+            needs_query = getattr(self.gate, "needs_query", False)
+            if needs_query and query_mask is None:
+                raise ValueError("the query-aware gate needs `query_mask` (1 on prompt tokens) in the batch")
+            query_mask = query_mask if needs_query else None
+            base = bq = None
+            tuned = self.stream_hidden(input_ids, attention_mask, adapter=True)
+            tq = None if query_mask is None else pool_query(tuned, query_mask, self.pooling)
+        else:
+            base, tuned, bq, tq = self.streams(input_ids, attention_mask, query_mask)
         logits = self.lm_head(self.mix(base, tuned, bq, tq)) if return_logits else None
         loss = None
         if labels is not None:
@@ -235,7 +260,13 @@ class IMSMModel(nn.Module):
                 # (batch, seq, d) -> (n, d) at the labelled positions; (batch, d) query summaries -> their rows
                 return None if t is None else (t[rows] if per_row else t[:, :-1][rows, cols])
 
-            mixed = self.mix(at_labels(base), at_labels(tuned), at_labels(bq, True), at_labels(tq, True))
+            if cached:
+                base_at, bq_at = self.frozen_cache.frozen_at_labels(
+                    self, index, input_ids, attention_mask, query_mask, rows, cols
+                )
+            else:
+                base_at, bq_at = at_labels(base), at_labels(bq, True)
+            mixed = self.mix(base_at, at_labels(tuned), bq_at, at_labels(tq, True))
             token_logits = self.lm_head(mixed).float()
             loss = F.cross_entropy(token_logits, target[rows, cols], reduction="mean")
         return IMSMOutput(loss=loss, logits=logits)

@@ -156,6 +156,18 @@ class LoRAMoEModel(nn.Module):
         """Router and expert parameters by their name in the backbone (what ``save_pretrained`` writes)."""
         return {n: p for n, p in self.base_model.named_parameters() if f".{ADAPTER_NAME}." in n}
 
+    def unload(self) -> nn.Module:
+        """The backbone with every routed linear replaced by its frozen linear, experts dropped (peft's ``unload``)."""
+        for name, module in list(self.base_model.named_modules()):
+            if isinstance(module, LoRAMoELinear):
+                parent, _, child = name.rpartition(".")
+                setattr(
+                    self.base_model.get_submodule(parent) if parent else self.base_model,
+                    child,
+                    module.base_layer,
+                )
+        return self.base_model
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Every routed linear runs as its frozen base linear (IMSM's frozen stream); restored on exit."""
