@@ -55,7 +55,10 @@ def test_unknown_option_lists_the_choices():
             "eval.scoring=generation",
             r"eval.scoring='generation': Invalid value 'generation', expected one of \[generate, likelihood, both\]",
         ),
-        ("eval.autocast=int8", r"eval.autocast='int8': Invalid value 'int8', expected one of \[fp32, bf16, fp16\]"),
+        (
+            "eval.autocast=int8",
+            r"eval.autocast='int8': Invalid value 'int8', expected one of \[fp32, bf16, fp16\]",
+        ),
     ],
 )
 def test_bad_evaluation_settings_fail_before_training(tmp_path, gsm_dir, override, message):
