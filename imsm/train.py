@@ -13,7 +13,7 @@ sweep goes on and ``imsm.report`` shows the cell as failed; a single run exits n
 
 from __future__ import annotations
 
-from imsm.cli import FAILED_JOBS, absolute_paths, quick_answer
+from imsm.cli import absolute_paths, quick_answer, record_refused
 
 quick_answer(__name__, "train")  # --help, --cfg, --info: answered before the heavy imports below
 
@@ -354,7 +354,10 @@ def hydra_main(cfg: DictConfig) -> None:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise
         if isinstance(e, RunDirError):  # no record of its own (not its directory to write); others have one
-            FAILED_JOBS.append(f"{cfg.run_dir}: {type(e).__name__}: {e}")
+            hydra_cfg = HydraConfig.get()
+            record_refused(
+                hydra_cfg.sweep.dir, str(hydra_cfg.job.num), f"{cfg.run_dir}: {type(e).__name__}: {e}"
+            )
         log.error(
             "job failed (the sweep goes on; metrics.json has status failed): %s: %s", type(e).__name__, e
         )
