@@ -51,6 +51,7 @@ def test_training_references_time_what_they_say():
     assert not torch.allclose(frozen, tuned)  # and the adapter was really off
 
 
+@pytest.mark.slow  # subprocess run(s), over 7 s: .ci/run runs the slow tests too
 def test_quick_benchmark_writes_every_ratio(tmp_path, capsys):
     bench.main(
         [

@@ -60,6 +60,7 @@ def single_process(tmp_path_factory, data_dir) -> dict[str, torch.Tensor]:
 
 
 # --- torchrun / DDP --------------------------------------------------------------------------------------------
+@pytest.mark.slow  # subprocess run(s), over 7 s: .ci/run runs the slow tests too
 def test_torchrun_two_processes_match_one_process(tmp_path, data_dir, single_process):
     """2 x batch 2 (gloo) = 1 x batch 4; one run directory although each rank's Hydra picked its own; rank 0 writes."""
     overrides = tiny_overrides(

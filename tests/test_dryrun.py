@@ -177,6 +177,7 @@ def test_dry_run_works_for_the_small_backbones(no_downloads, capsys, backbone, d
     assert row["trainable_parameters"]["adapter"] == n_layers * 16 * ((d + d) + (d + kv))
 
 
+@pytest.mark.slow  # subprocess run(s), over 7 s: .ci/run runs the slow tests too
 def test_multirun_cli_prints_one_table_fast_and_offline(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run(

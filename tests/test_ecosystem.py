@@ -40,6 +40,7 @@ def test_help_and_cfg_answer_before_torch_loads(tmp_path):
     assert cfg.returncode == 0 and "name: tiny_llama" in cfg.stdout
 
 
+@pytest.mark.slow  # subprocess run(s), over 7 s: .ci/run runs the slow tests too
 def test_the_run_directory_holds_its_log_record_and_readable_files(tmp_path):
     """hydra.job.chdir=true with relative paths, a dataset config from --config-dir evaluated as a forgetting set."""
     write_gsm(tmp_path / "data")

@@ -8,12 +8,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 from helpers import write_gsm
 
 from imsm.report import report
 
 
+@pytest.mark.slow  # subprocess run(s), over 7 s: .ci/run runs the slow tests too
 def test_a_gate_pooling_multirun_reports_as_two_rows(tmp_path):
     data = write_gsm(tmp_path / "data")
     sweep = tmp_path / "sweep"

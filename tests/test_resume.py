@@ -54,6 +54,7 @@ def data_dir(tmp_path_factory) -> Path:
     return write_gsm8k(tmp_path_factory.mktemp("data"), 12)
 
 
+@pytest.mark.slow  # subprocess run(s), over 7 s: .ci/run runs the slow tests too
 def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     done = run_command(train_cmd(tiny_overrides(data_dir, run_dir=reference, **RESUME_RUN)), timeout=240)

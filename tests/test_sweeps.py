@@ -164,6 +164,7 @@ def test_every_sweep_value_composes(experiment):
                 assert str(OmegaConf.select(cfg, key)) == value
 
 
+@pytest.mark.slow  # subprocess run(s), over 7 s: .ci/run runs the slow tests too
 def test_smoke_multirun_then_report(tmp_path, data_dir, capsys):
     """The 2 x 2 grid x 2 seeds on tiny_llama, then the report: every cell, stds, the t-test column, a heatmap."""
     sweep = tmp_path / "sweep"
@@ -197,6 +198,7 @@ def test_smoke_multirun_then_report(tmp_path, data_dir, capsys):
         assert (sweep / "report" / f"smoke{suffix}").exists()
 
 
+@pytest.mark.slow  # subprocess run(s), over 7 s: .ci/run runs the slow tests too
 def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, data_dir):
     """FreebaseQA has no training split: that job fails, the MRPC job still runs, the report says which failed, the
     sweep exits 1; run again over its directory, the finished job is not run again."""
@@ -248,6 +250,7 @@ def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, data_dir):
     assert results() == before and (mrpc_dir / "adapter").is_dir()
 
 
+@pytest.mark.slow  # subprocess run(s), over 7 s: .ci/run runs the slow tests too
 def test_a_failed_single_run_exits_nonzero_and_records_its_status(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train(["backbone=tiny_llama", "dataset=freebaseqa", f"hydra.run.dir={run_dir}"])
@@ -258,6 +261,7 @@ def test_a_failed_single_run_exits_nonzero_and_records_its_status(tmp_path):
     )
 
 
+@pytest.mark.slow  # subprocess run(s), over 7 s: .ci/run runs the slow tests too
 def test_bad_sweeps_fail_before_any_job(tmp_path):
     with pytest.raises(MissingConfigException, match="Could not find 'experiment/table9'") as error:
         compose_train(["experiment=table9"])

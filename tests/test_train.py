@@ -151,6 +151,7 @@ def test_trained_model_logits_survive_save_and_load(tmp_path, gsm_dir):
     assert torch.equal(before, after)
 
 
+@pytest.mark.slow  # subprocess run(s), over 7 s: .ci/run runs the slow tests too
 def test_cli_trains_tiny_model_quickly(tmp_path, gsm_dir):
     env = dict(os.environ, IMSM_DATA_DIR=str(gsm_dir))
     proc = subprocess.run(
