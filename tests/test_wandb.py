@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,33 @@ def test_logger_none_writes_no_wandb_directory(tmp_path, gsm_dir):
     assert OmegaConf.select(cfg, "logger.name") == "none"
     train(cfg)
     assert not (run_dir / "wandb").exists()
+
+
+@pytest.mark.slow  # two tiny jobs in a subprocess multirun with wandb's offline writer (~25 s)
+def test_an_ad_hoc_multirun_reads_back_as_one_group(tmp_path, gsm_dir, no_wandb_account):
+    """``-m gate=none,query_aware logger=wandb`` without an experiment: both offline runs carry the sweep's group."""
+    import os
+
+    from multiproc import launch_env, run_command
+
+    sweep = tmp_path / "sweep"
+    overrides = [
+        "-m",
+        "backbone=tiny_llama",
+        "gate=none,query_aware",
+        "logger=wandb",
+        f"data_dir={gsm_dir}",
+        "max_train_samples=4",
+        "eval.enabled=false",
+        "trainer.args.max_steps=1",
+        "trainer.args.per_device_train_batch_size=2",
+        "trainer.effective_batch_size=2",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    env = launch_env(**{k: os.environ[k] for k in os.environ if k.startswith(("WANDB_", "HOME", "NETRC"))})
+    done = run_command([sys.executable, "-m", "imsm.train", *overrides], timeout=240, env=env)
+    assert done.returncode == 0, done.output[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if (p / "wandb").is_dir())
+    assert len(jobs) == 2
+    groups = {read_offline_run(job / "wandb")["run"].get("group") for job in jobs}
+    assert groups == {str(sweep)}

@@ -66,15 +66,23 @@ def gate_from_meta(meta: dict[str, Any], hidden_size: int) -> nn.Module | None:
     )
 
 
+def name_base_model(adapter_config: Path, name: str | None) -> None:
+    """``base_model_name_or_path`` as a colleague elsewhere would load it, not the path on this machine (None:
+    unknown). Written after peft's save: set before it, peft would look the hub id up online to inspect the vocab."""
+    if not adapter_config.is_file():
+        return
+    config = json.loads(adapter_config.read_text())
+    config["base_model_name_or_path"] = name
+    write_json(adapter_config, config)
+
+
 def save_run(model: IMSMModel, run_dir: str | Path, cfg: DictConfig | None = None) -> None:
     """Adapter (peft format), gate (safetensors + json) and, if given, the resolved config."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg is not None:  # not the path on this machine: the name a colleague elsewhere loads (None: unknown)
-        name = public_name(cfg.backbone)
-        for config in model.peft_model.peft_config.values():
-            config.base_model_name_or_path = name
     model.peft_model.save_pretrained(run_dir / ADAPTER_DIR)
+    if cfg is not None:
+        name_base_model(run_dir / ADAPTER_DIR / "adapter_config.json", public_name(cfg.backbone))
     if model.gate is not None:
         state = {k: v.detach().contiguous().cpu() for k, v in model.gate.state_dict().items()}
         if state:
