@@ -35,17 +35,21 @@ HalfForward = Callable[..., torch.Tensor]
 def lora_linear(layer: LoraLinear, batch: int, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """LoRA, and DoRA (the magnitude rescaling and the LoRA term) on rows ``[batch:]``: ``lora.Linear.forward``."""
     result = layer.base_layer(x, *args, **kwargs)
-    tuned, x = result[batch:], x[batch:]
+    x = x[batch:]
     for name in layer.active_adapters:
         if name not in layer.lora_A:
             continue
         lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
         x = layer._cast_input_dtype(x, lora_A.weight.dtype)
         if name in layer.lora_variant:  # DoRA only (``fusable``); it reads the base output of these rows
-            tuned = layer.lora_variant[name].forward(layer, active_adapter=name, x=x, result=tuned, **kwargs)
-        else:
-            tuned = tuned + lora_B(lora_A(layer.lora_dropout[name](x))) * layer.scaling[name]
-    result[batch:] = tuned.to(result.dtype)
+            tuned = layer.lora_variant[name].forward(
+                layer, active_adapter=name, x=x, result=result[batch:], **kwargs
+            )
+            result[batch:] = tuned.to(result.dtype)
+        else:  # in place on the tuned rows: no copy of the half per layer and step (decoding is memory-bound)
+            result[batch:] += (lora_B(lora_A(layer.lora_dropout[name](x))) * layer.scaling[name]).to(
+                result.dtype
+            )
     return result
 
 
