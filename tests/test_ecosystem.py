@@ -187,3 +187,27 @@ def test_the_quickstart_table_puts_frozen_vanilla_and_imsm_side_by_side(tmp_path
     assert "| webq: P(EOS first) (would not answer) | 0.140 | 0.600 | 0.300 |" in lines
     assert "| webq: greedy answer contains gold | 0.090 | 0.010 | 0.050 |" in lines
     assert any("one seed" in line for line in lines)
+
+
+def test_the_forgetting_curve_report_reads_every_jobs_step_scores(tmp_path):
+    """eval.every_n_steps leaves eval_steps/step-N/<dataset>/metrics.json per job; the report pivots them."""
+    import json
+
+    from imsm.record import RunRecord, write_record
+    from imsm.report.curves import main
+
+    for gate, seed, slope in (("none", 1, 0.2), ("none", 2, 0.4), ("query_aware", 1, 0.1)):
+        job = tmp_path / f"{gate}_s{seed}"
+        write_record(job, RunRecord(status="ok", backbone="tiny_llama", gate=gate, dataset="mrpc", seed=seed))
+        for step in (10, 20):
+            d = job / "eval_steps" / f"step-{step}" / "webq"
+            d.mkdir(parents=True)
+            lik = {"nll": {"mean": 6.0}, "delta_nll": {"mean": slope * step / 10}}
+            (d / "metrics.json").write_text(json.dumps({"dataset": "webq", "metrics": {"likelihood": lik}}))
+    assert main([str(tmp_path)]) == 0
+    md = (tmp_path / "report" / "curves.md").read_text()
+    assert (
+        "| vanilla | 0.300 | 0.600 |" in md and "| IMSM | 0.100 | 0.200 |" in md
+    )  # means over seeds per step
+    assert len((tmp_path / "report" / "curves.csv").read_text().splitlines()) == 1 + 3 * 2 * 2
+    assert (tmp_path / "report" / "curves.png").read_bytes()[:4] == b"\x89PNG"
