@@ -133,6 +133,14 @@ def remove_incomplete(folder: str | Path) -> list[Path]:
     return removed
 
 
+def resume_mode(resume: Any) -> str:
+    """``auto``, ``true``, ``false``, or ``path`` (a checkpoint directory), from the ``resume`` setting."""
+    text = str(resume).strip().lower() if resume is not None else "auto"
+    if text in ("auto", "none", "null", ""):
+        return "auto"
+    return text if text in ("true", "false") else "path"
+
+
 def resolve_resume(resume: Any, folder: str | Path, main_process: bool = True) -> str | None:
     """The checkpoint to resume from (None: start afresh), from the ``resume`` setting.
 
@@ -146,10 +154,10 @@ def resolve_resume(resume: Any, folder: str | Path, main_process: bool = True) -
         CorruptCheckpointError: the checkpoint to resume from has a damaged file (named, with the older intact one).
     """
     folder = Path(folder)
-    text = str(resume).strip().lower() if resume is not None else "auto"
-    if text in ("auto", "none", "null", "", "true"):
+    mode = resume_mode(resume)
+    if mode in ("auto", "true"):
         found = last_complete_checkpoint(folder)
-        if found is None and text == "true":
+        if found is None and mode == "true":
             raise FileNotFoundError(
                 f"resume=true but {folder} holds no complete checkpoint (directories: "
                 f"{[p.name for p in checkpoint_dirs(folder)]}). Use the same run_dir as the interrupted run, or "
@@ -160,11 +168,9 @@ def resolve_resume(resume: Any, folder: str | Path, main_process: bool = True) -
         if main_process:
             remove_incomplete(folder)
         if found is not None:
-            log.info(
-                "resuming from %s (resume=%s found it; resume=false starts afresh)", found, text or "auto"
-            )
+            log.info("resuming from %s (resume=%s found it; resume=false starts afresh)", found, mode)
         return None if found is None else str(found)
-    if text == "false":
+    if mode == "false":
         own = own_checkpoint_dirs(folder)
         if main_process and own:
             log.warning("resume=false: deleting the earlier checkpoints in %s", folder)

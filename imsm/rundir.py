@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from imsm.io import write_text_atomic
 from imsm.model.checkpoint import ADAPTER_DIR, GATE_CONFIG, GATE_WEIGHTS, RUN_CONFIG
 from imsm.record import RECORD_FILE, RECORDED, RunRecord, read_record
-from imsm.resilience import CHECKPOINTS, clear_rank_failures, own_checkpoint_dirs
+from imsm.resilience import CHECKPOINTS, clear_rank_failures, is_complete, own_checkpoint_dirs, resume_mode
 
 try:  # POSIX; elsewhere runs are not locked
     import fcntl
@@ -146,11 +146,8 @@ def _check(run_dir: Path, cfg: DictConfig) -> RunRecord | None:
 
 
 def resume_setting(cfg: DictConfig) -> str:
-    """``auto``, ``true``, ``false``, or ``path`` (a checkpoint directory), from ``cfg.resume``."""
-    text = str(cfg.get("resume", "auto")).strip().lower()
-    if text in ("auto", "none", "null", ""):
-        return "auto"
-    return text if text in ("true", "false") else "path"
+    """``cfg.resume`` as ``auto``, ``true``, ``false`` or ``path`` (``imsm.resilience.resume_mode``)."""
+    return resume_mode(cfg.get("resume", "auto"))
 
 
 def stored_record(run_dir: Path) -> RunRecord | None:
@@ -166,7 +163,7 @@ def _fresh_start(run_dir: Path, cfg: DictConfig) -> bool:
     """No checkpoint will be resumed from: the directory's earlier outputs must not survive beside new ones."""
     if resume_setting(cfg) == "false":
         return True
-    return not any((p / "checkpoint.complete").is_file() for p in own_checkpoint_dirs(run_dir / CHECKPOINTS))
+    return not any(is_complete(p) for p in own_checkpoint_dirs(run_dir / CHECKPOINTS))
 
 
 def _remove_outputs(run_dir: Path) -> None:

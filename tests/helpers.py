@@ -39,19 +39,20 @@ def write_gsm(root: Path, rows: list[dict] = GSM_ROWS) -> Path:
     return root
 
 
+# a tiny_llama run: 8 training examples, 2 optimizer steps of 4, 3 evaluation examples of 6 new tokens
+TINY_RUN = [
+    "backbone=tiny_llama",
+    "max_train_samples=8",
+    "max_eval_samples=3",
+    "eval.max_new_tokens=6",
+    "eval.batch_size=2",
+    "trainer.args.max_steps=2",
+    "trainer.args.per_device_train_batch_size=4",
+    "trainer.effective_batch_size=4",
+    "trainer.args.disable_tqdm=true",
+]
+
+
 def tiny_overrides(run_dir: Path, data_dir: Path, gate: str = "query_aware") -> list[str]:
-    """A tiny_llama run: 8 training examples, 2 optimizer steps of 4, 3 evaluation examples of 6 new tokens."""
-    return [
-        "backbone=tiny_llama",
-        f"gate={gate}",
-        f"run_dir={run_dir}",
-        f"data_dir={data_dir}",
-        "max_train_samples=8",
-        "max_eval_samples=3",
-        "eval.max_new_tokens=6",
-        "eval.batch_size=2",
-        "trainer.args.max_steps=2",
-        "trainer.args.per_device_train_batch_size=4",
-        "trainer.effective_batch_size=4",
-        "trainer.args.disable_tqdm=true",
-    ]
+    """``TINY_RUN`` with its gate, run directory and data."""
+    return [*TINY_RUN, f"gate={gate}", f"run_dir={run_dir}", f"data_dir={data_dir}"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from helpers import write_gsm
+from helpers import TINY_RUN, write_gsm
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from multiproc import Finished, launch_env, run_command, train_cmd
@@ -25,19 +25,7 @@ pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='needs pip i
 CONF = str(REPO / "imsm" / "conf")
 # two tiny jobs take 15-55 s on 2 shared cores, most of it importing torch in each process
 TIMEOUT = 240
-# two optimizer steps of 4 GSM8K examples on tiny_llama, 3 evaluation examples of 6 new tokens
-TINY = [
-    "backbone=tiny_llama",
-    "seed=1",
-    "max_train_samples=8",
-    "max_eval_samples=3",
-    "eval.max_new_tokens=6",
-    "eval.batch_size=2",
-    "trainer.args.max_steps=2",
-    "trainer.args.per_device_train_batch_size=4",
-    "trainer.effective_batch_size=4",
-    "trainer.args.disable_tqdm=true",
-]
+TINY = [*TINY_RUN, "seed=1"]  # tests/helpers.py's tiny run, seed 1 (the job directories' names say s1)
 FAILED = "1 job(s) of the sweep failed:"
 # FreeBaseQA has no training split: that job fails at once (imsm.data raises DataError), the GSM8K one trains
 ONE_FAILS = "dataset=freebaseqa,gsm8k"
