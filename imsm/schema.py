@@ -2,10 +2,11 @@
 
 ``conf/train.yaml``'s top-level keys and its ``eval`` group are imsm's (the config groups ``backbone``, ``peft``,
 ``gate``, ``dataset``, ``trainer``, ``logger`` are checked where they are used: peft's and transformers' own
-dataclasses, ``imsm.checks``). Hydra rejects an unknown key unless it is added with ``+``; this schema also catches
-what Hydra lets through: a value of the wrong type (``max_train_samples=ten``, ``eval.at_steps=5``), a choice that
-does not exist (``eval.scoring=likelyhood``), and a misspelt key added with ``+`` (``+eval.scorng=both``). Every
-problem is listed at once, each with its key.
+dataclasses, ``imsm.checks``; of ``trainer`` only ``cache_frozen``'s choice is checked here). Hydra rejects an
+unknown key unless it is added with ``+``; this schema also catches what Hydra lets through: a value of the wrong
+type (``max_train_samples=ten``, ``eval.at_steps=5``), a choice that does not exist (``eval.scoring=likelyhood``,
+``trainer.cache_frozen=dsik``), and a misspelt key added with ``+`` (``+eval.scorng=both``). Every problem is
+listed at once, each with its key.
 """
 
 from __future__ import annotations
@@ -106,7 +107,36 @@ def schema_errors(cfg: DictConfig) -> list[str]:
                 errors += _check(OmegaConf.structured(EvalSchema), cfg.eval, sub, "eval.")
         else:
             errors += _check(schema, cfg, key, "")
+    try:
+        cache_frozen_storage(OmegaConf.select(cfg, "trainer.cache_frozen", default=False))
+    except ValueError as e:
+        errors.append(str(e))
     return errors
+
+
+# trainer.cache_frozen -> where the frozen stream's states are kept (imsm.model.frozen_cache); None: not cached
+CACHE_FROZEN = {
+    False: None,
+    True: "memory",
+    "false": None,
+    "true": "memory",
+    "memory": "memory",
+    "disk": "disk",
+}
+
+
+def cache_frozen_storage(value: Any) -> str | None:
+    """``trainer.cache_frozen`` as ``"memory"``, ``"disk"`` or None (off); ``true`` is ``memory``.
+
+    Raises:
+        ValueError: any other value, naming the choices.
+    """
+    if isinstance(value, bool | str) and value in CACHE_FROZEN:
+        return CACHE_FROZEN[value]
+    choices = ["false", "true", "memory", "disk"]
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"trainer.cache_frozen={value!r}: expected one of [{', '.join(choices)}]{hint}")
 
 
 def _check(schema: DictConfig, node: DictConfig, key: str, prefix: str) -> list[str]:

@@ -12,7 +12,8 @@
 - LoRAMoE: the loss gets its localized balancing constraint (the batch's ``task_type`` and the routing weights
   the tuned stream recorded), as the official model adds it to its own loss.
 - ``trainer.cache_frozen`` (read from the run config): the training set's items carry their index, and the frozen
-  stream's states are stored in the first epoch and read in the later ones (``imsm.model.frozen_cache``).
+  stream's states are stored in the first epoch and read in the later ones (``imsm.model.frozen_cache``); with
+  ``disk``, in a scratch file per process under the run directory that ``train`` creates and deletes.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from imsm import distributed, resilience
 from imsm.data.collate import IndexedDataset
 from imsm.model.adalora import AdaLoraCallback, adalora_config, orthogonal_regularisation
 from imsm.model.build import save_model
-from imsm.model.frozen_cache import frozen_cache_for
+from imsm.model.frozen_cache import frozen_cache_for, states_file
 from imsm.model.loramoe import loramoe_model
 from imsm.model.siamese import IMSMModel
+from imsm.schema import cache_frozen_storage
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +68,21 @@ class IMSMTrainer(Trainer):
                 model.backbone, self.args.activation_checkpointing_kwargs
             )
             self.args.activation_checkpointing = self.args.gradient_checkpointing = False
-        cache_frozen = run_config is not None and OmegaConf.select(
+        setting = run_config is not None and OmegaConf.select(
             run_config, "trainer.cache_frozen", default=False
         )
+        storage = cache_frozen_storage(setting)  # None (off), "memory" or "disk"; a misspelt value is refused
         if isinstance(model, IMSMModel):
-            # later epochs read the frozen stream's states instead of running it (imsm.model.frozen_cache)
+            # later epochs read the frozen stream's states instead of running it (imsm.model.frozen_cache);
+            # disk: a scratch file per process in the run directory, the parent of checkpoints/ (as resilience's)
+            disk_file = (
+                states_file(Path(self.args.output_dir).parent, self.args.process_index)
+                if storage == "disk"
+                else None
+            )
             model.frozen_cache = (
-                frozen_cache_for(model, distributed.zero3_enabled(), self.args.world_size)
-                if cache_frozen
+                frozen_cache_for(model, distributed.zero3_enabled(), self.args.world_size, disk_file)
+                if storage
                 else None
             )
             if model.frozen_cache is not None:
@@ -240,8 +249,16 @@ class IMSMTrainer(Trainer):
         if done and resilience.checkpoint_step(resume_from_checkpoint) >= total_steps:
             return self._finished_at(resume_from_checkpoint)
         resuming_deepspeed = self.is_deepspeed_enabled and resume_from_checkpoint
-        with resilience.deepspeed_resume() if resuming_deepspeed else contextlib.nullcontext():
-            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        cache = getattr(self.model, "frozen_cache", None)
+        # trainer.cache_frozen=disk: a fresh scratch file, deleted below however training ends
+        if cache is not None:
+            cache.open()
+        try:
+            with resilience.deepspeed_resume() if resuming_deepspeed else contextlib.nullcontext():
+                output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            if cache is not None:
+                cache.close()
         # Trainer's loss covers this call's steps only; the checkpoint's progress.json holds the steps before them
         segment_steps = output.global_step - getattr(self, "_initial_global_step", 0)
         loss_sum = self._prior.get("loss_sum", 0.0) + output.training_loss * segment_steps

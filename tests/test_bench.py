@@ -74,6 +74,8 @@ def test_quick_benchmark_writes_every_ratio(tmp_path, capsys):
             "train_step_time_imsm/vanilla",
             "train_step_floor_(vanilla+frozen_forward)/vanilla",
             "train_step_time_imsm/hf_peft_loss",
+            "train_3_epochs_time_imsm_cached/vanilla",
+            "train_3_epochs_time_imsm_uncached/vanilla",
             "decode_tok_s_imsm/vanilla",
             "decode_tok_s_imsm/hf_generate",
         ):
@@ -83,6 +85,31 @@ def test_quick_benchmark_writes_every_ratio(tmp_path, capsys):
     assert ratios["speedup_imsm_vs_naive_64tok"] > 0
     out = capsys.readouterr().out
     assert "train_step_time_imsm/vanilla_fp32" in out and ("PASS" in out or "MISS" in out)
+
+
+def test_cached_epochs_run_the_frozen_stream_in_the_first_epoch_only_and_train_as_uncached():
+    batches = [
+        {**bench.train_batch(97, 2, 12, 6, "cpu", seed=i), "index": torch.tensor([2 * i, 2 * i + 1])}
+        for i in range(2)
+    ]
+    assert not torch.equal(batches[0]["input_ids"], batches[1]["input_ids"])  # distinct examples per batch
+    trained = {}
+    for cache in (True, False):
+        model = make_imsm("query_aware")
+        calls = []
+        model.backbone.get_decoder().register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        filled = bench.epochs_fn(model, batches, 3, "fp32", "cpu", cache=cache)()
+        assert model.frozen_cache is None  # the cache does not outlive the run
+        trained[cache] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        # every step runs the tuned stream; the frozen one runs in every step uncached, in epoch 1 only cached
+        assert len(calls) == 6 + (2 if cache else 6)
+        if cache:
+            assert (filled.misses, filled.hits, len(filled.entries)) == (2, 4, 4)
+            assert filled.nbytes > 0
+        else:
+            assert filled is None
+    for a, b in zip(trained[True], trained[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def lora_b(model) -> dict[str, torch.Tensor]:

@@ -292,6 +292,7 @@ class IMSMModel(nn.Module):
         fuse_streams: bool | None = None,
         stop_check_every: int | None = None,
         prefill_tokens: int | None = None,
+        static_cache: bool | None = None,
     ) -> torch.Tensor:
         """Batched greedy decoding with a KV cache per stream.
 
@@ -308,24 +309,35 @@ class IMSMModel(nn.Module):
                 caches are joined for decoding (a long prompt's activations and attention scores stay small;
                 measured on 2 CPU cores, the 96 longest MultiRC prompts, batch 32: one forward 1.6-2x slower than
                 chunks of 8). None: 4096 on CPU, 32768 on GPU.
+            static_cache: decode with a static KV cache and a compiled step, CUDA graphs on CUDA
+                (``imsm.model.static_decoding``; the same tokens, with a compilation per new batch size and length
+                bucket). None: the eager decoder, unless the environment variable ``IMSM_STATIC_CACHE`` is
+                ``cuda`` (on CUDA) or ``1`` (every device): then for plain transformers decoders (not ChatGLM,
+                no sliding-window layers), falling back to the eager decoder with a warning if the step fails to
+                compile. True: always (on CPU too), raising for a model it cannot decode; False: never.
 
         Returns:
             (batch, n_new) new token ids, n_new <= max_new_tokens, ``pad_token_id`` after each row's EOS.
         """
-        from imsm.model.decoding import greedy_generate  # imports this module: a top-level import would cycle
+        # both import this module: top-level imports would cycle
+        from imsm.model import static_decoding
+        from imsm.model.decoding import greedy_generate
 
-        return greedy_generate(
-            self,
-            input_ids,
-            attention_mask,
-            max_new_tokens,
-            eos_token_id,
-            pad_token_id,
-            streams=streams,
-            fuse_streams=fuse_streams,
-            stop_check_every=stop_check_every,
-            prefill_tokens=prefill_tokens,
-        )
+        args = (self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
+        kwargs = {
+            "streams": streams,
+            "fuse_streams": fuse_streams,
+            "stop_check_every": stop_check_every,
+            "prefill_tokens": prefill_tokens,
+        }
+        if static_decoding.chosen(self, input_ids.device, static_cache):
+            try:
+                return static_decoding.static_generate(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as error:  # compilation failed (a backend, a trace)
+                if static_cache:
+                    raise
+                static_decoding.give_up(self, error)
+        return greedy_generate(*args, **kwargs)
 
     # --- save / load (the run directory format: ``imsm.model.checkpoint``) -----------------------------------
     def save_pretrained(self, run_dir: str | Path, cfg: DictConfig | None = None) -> None:
