@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         "--static",
         action=argparse.BooleanOptionalAction,
         help="also decode IMSM and vanilla with a static cache and a compiled step (CUDA graphs on CUDA); "
-        "default: on for cuda, off on cpu (where compiling takes minutes)",
+        "default: on for cuda, off on cpu (each variant compiles for tens of seconds there)",
     )
     p.add_argument(
         "--static-precisions",

@@ -231,7 +231,8 @@ def chosen(model: IMSMModel, device: torch.device, static_cache: bool | None) ->
 
     Off by default because it has never run on a GPU: whether it is faster there than the eager decoder (with a
     compilation per batch size and length bucket) is what ``scripts/gpu_check.sh`` measures (``imsm_static`` vs
-    ``imsm`` in the bench); on CPU the compiled step is not faster.
+    ``imsm`` in the bench); on CPU its speed has not been measured either (compiling a tiny test model took 15-30 s
+    per variant).
     """
     if static_cache is not None:
         return static_cache
