@@ -57,6 +57,14 @@ def prefill(
     return torch.cat(hidden), model.family.concat_caches(caches)
 
 
+def check_inputs(streams: str, attention_mask: torch.Tensor) -> None:
+    """Refuse an unknown ``streams`` and right-padded prompts (``attention_mask`` (batch, prompt_len))."""
+    if streams not in STREAMS:
+        raise ValueError(f"streams={streams!r} is not one of {list(STREAMS)}")
+    if attention_mask[:, -1].min() == 0:
+        raise ValueError("generate() needs left-padded prompts (the last column must be real tokens)")
+
+
 @torch.no_grad()
 def greedy_generate(
     model: IMSMModel,
@@ -75,10 +83,7 @@ def greedy_generate(
     Returns:
         (batch, n_new) new token ids, n_new <= max_new_tokens, ``pad_token_id`` after each row's EOS.
     """
-    if streams not in STREAMS:
-        raise ValueError(f"streams={streams!r} is not one of {list(STREAMS)}")
-    if attention_mask[:, -1].min() == 0:
-        raise ValueError("generate() needs left-padded prompts (the last column must be real tokens)")
+    check_inputs(streams, attention_mask)
     mixing = streams == "imsm" and model.gate is not None
     fuse = mixing and (
         can_fuse_streams(model.peft_model, model.family) if fuse_streams is None else fuse_streams

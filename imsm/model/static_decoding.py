@@ -38,9 +38,10 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
+from imsm.model.decoding import check_inputs
 from imsm.model.families import GENERIC
 from imsm.model.fusion import adapter_on_second_half, can_fuse_streams, fused_layers
-from imsm.model.siamese import STREAMS, pool_query, positions_from_mask
+from imsm.model.siamese import pool_query, positions_from_mask
 
 if TYPE_CHECKING:
     from imsm.model.siamese import IMSMModel
@@ -357,10 +358,7 @@ def static_generate(
     Raises:
         ValueError: for a model that ``unsupported_reason`` refuses, an unknown ``streams``, right padding.
     """
-    if streams not in STREAMS:
-        raise ValueError(f"streams={streams!r} is not one of {list(STREAMS)}")
-    if attention_mask[:, -1].min() == 0:
-        raise ValueError("generate() needs left-padded prompts (the last column must be real tokens)")
+    check_inputs(streams, attention_mask)
     reason = unsupported_reason(model)
     if reason:
         raise ValueError(f"static cache: {reason}; decode with static_cache=False")
