@@ -65,6 +65,27 @@ def check_inputs(streams: str, attention_mask: torch.Tensor) -> None:
         raise ValueError("generate() needs left-padded prompts (the last column must be real tokens)")
 
 
+def stream_plan(model: IMSMModel, streams: str, fuse_streams: bool | None) -> tuple[bool, bool]:
+    """``(mixing, fuse)``: whether M and M' are mixed by the gate, and whether they run as one doubled batch
+    (``fuse_streams``, or when None whenever ``can_fuse_streams`` holds)."""
+    mixing = streams == "imsm" and model.gate is not None
+    fuse = mixing and (
+        can_fuse_streams(model.peft_model, model.family) if fuse_streams is None else fuse_streams
+    )
+    return mixing, fuse
+
+
+def step_settings(
+    device: torch.device, prompt_len: int, stop_check_every: int | None, prefill_tokens: int | None
+) -> tuple[int, int]:
+    """``(check_every, rows)``: steps between checks that every row has ended (8 on CUDA: each check waits for the
+    device, 1 elsewhere), and prompt rows per prefill chunk (about ``prefill_tokens`` tokens: 32768 on CUDA, 4096
+    elsewhere)."""
+    check_every = stop_check_every or (8 if device.type == "cuda" else 1)
+    rows = max(1, (prefill_tokens or (32768 if device.type == "cuda" else 4096)) // prompt_len)
+    return check_every, rows
+
+
 @torch.no_grad()
 def greedy_generate(
     model: IMSMModel,
@@ -84,14 +105,11 @@ def greedy_generate(
         (batch, n_new) new token ids, n_new <= max_new_tokens, ``pad_token_id`` after each row's EOS.
     """
     check_inputs(streams, attention_mask)
-    mixing = streams == "imsm" and model.gate is not None
-    fuse = mixing and (
-        can_fuse_streams(model.peft_model, model.family) if fuse_streams is None else fuse_streams
-    )
+    mixing, fuse = stream_plan(model, streams, fuse_streams)
     device = input_ids.device
-    check_every = stop_check_every or (8 if device.type == "cuda" else 1)
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     batch, prompt_len = input_ids.shape
+    check_every, rows = step_settings(device, prompt_len, stop_check_every, prefill_tokens)
 
     # One attention mask for the whole run, sliced per step (no re-allocation in the loop).
     full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
@@ -103,7 +121,6 @@ def greedy_generate(
         hooks = contextlib.nullcontext()
     # Prefill each stream on its own (prompts are compute-bound: a doubled batch saves nothing there), then
     # decode both as one doubled batch over the joined caches when fused.
-    rows = max(1, (prefill_tokens or (32768 if device.type == "cuda" else 4096)) // prompt_len)
     fill = functools.partial(prefill, model, input_ids, attention_mask, positions, rows=rows)
     base, base_cache = fill(adapter=False) if mixing or streams == "base" else (None, None)
     tuned, tuned_cache = fill(adapter=True) if streams != "base" else (None, None)

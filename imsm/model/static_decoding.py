@@ -38,9 +38,9 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
-from imsm.model.decoding import check_inputs
+from imsm.model.decoding import check_inputs, prefill, step_settings, stream_plan
 from imsm.model.families import GENERIC
-from imsm.model.fusion import adapter_on_second_half, can_fuse_streams, fused_layers
+from imsm.model.fusion import adapter_on_second_half, fused_layers
 from imsm.model.siamese import pool_query, positions_from_mask
 
 if TYPE_CHECKING:
@@ -296,8 +296,8 @@ def read_prompts(
 ) -> tuple[dict[str, torch.Tensor], Workspace]:
     """Each stream of ``plan`` over the prompts, eagerly (their shapes vary), into the model's workspace.
 
-    As ``greedy_generate`` reads them: ``rows`` rows at a time through a ``DynamicCache``, whose keys and values
-    are then copied into the static cache (fused: M's rows first, then M''s).
+    Read as ``greedy_generate`` reads them (``imsm.model.decoding.prefill``: ``rows`` rows at a time into a
+    ``DynamicCache``), then copied into the static cache (fused: M's rows first, then M''s).
 
     Args:
         input_ids, attention_mask, positions: (batch, prompt_len), left-padded.
@@ -309,26 +309,13 @@ def read_prompts(
     hidden: dict[str, torch.Tensor] = {}
     ws: Workspace | None = None
     for s, name in enumerate(plan.streams):
-        parts = []
-        for start in range(0, batch, rows):
-            chunk = slice(start, min(start + rows, batch))
-            prefill = DynamicCache(config=model.config)
-            parts.append(
-                model.stream_hidden(
-                    input_ids[chunk],
-                    attention_mask[chunk],
-                    adapter=name == "tuned",
-                    position_ids=positions[chunk],
-                    cache=prefill,
-                )
-            )
-            if ws is None:
-                ws = workspace_for(model, plan, batch, cache_len, prefill, parts[-1])
-            at = s * batch if plan.fuse else 0
-            ws.fill_cache(
-                0 if plan.fuse else s, slice(at + chunk.start, at + chunk.stop), prefill, prompt_len
-            )
-        hidden[name] = torch.cat(parts)
+        hidden[name], cache = prefill(
+            model, input_ids, attention_mask, positions, adapter=name == "tuned", rows=rows
+        )
+        if ws is None:
+            ws = workspace_for(model, plan, batch, cache_len, cache, hidden[name])
+        at = s * batch if plan.fuse else 0
+        ws.fill_cache(0 if plan.fuse else s, slice(at, at + batch), cache, prompt_len)
     return hidden, ws
 
 
@@ -362,20 +349,18 @@ def static_generate(
     reason = unsupported_reason(model)
     if reason:
         raise ValueError(f"static cache: {reason}; decode with static_cache=False")
-    mixing = streams == "imsm" and model.gate is not None
+    mixing, fuse = stream_plan(model, streams, fuse_streams)
     plan = Plan(
         streams=("base", "tuned") if mixing else ("base",) if streams == "base" else ("tuned",),
         mixing=mixing,
-        fuse=mixing
-        and (can_fuse_streams(model.peft_model, model.family) if fuse_streams is None else fuse_streams),
+        fuse=fuse,
         query=mixing and getattr(model.gate, "needs_query", False),
     )
     device = input_ids.device
-    check_every = stop_check_every or (8 if device.type == "cuda" else 1)
     batch, prompt_len = input_ids.shape
+    check_every, rows = step_settings(device, prompt_len, stop_check_every, prefill_tokens)
     cache_len = -(-(prompt_len + max_new_tokens) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
     positions = positions_from_mask(attention_mask)
-    rows = max(1, (prefill_tokens or (32768 if device.type == "cuda" else 4096)) // prompt_len)
 
     hidden, ws = read_prompts(model, plan, input_ids, attention_mask, positions, cache_len, rows)
     base, tuned = hidden.get("base"), hidden.get("tuned")
