@@ -4,7 +4,8 @@
 decoding; ``python -m imsm.train speed={...}`` (``conf/experiment/table5*.yaml``) does the same. The model is the
 run's own build (backbone + the method's adapter + the configured gate); vanilla is the same weights with no gate,
 so only the tuned stream runs. Both decode through ``IMSMModel.generate`` with ``imsm.timing``: contenders
-interleaved inside every repeat, EOS ignored so each produces exactly ``new_tokens``, the median over repeats.
+interleaved inside every repeat, EOS ignored so each produces exactly ``new_tokens``, the median over repeats;
+the ratio is the median of the per-repeat ratios, with its confidence interval (``imsm.timing.paired_ratio``).
 Timing does not depend on the weights' values, so nothing is trained.
 """
 
@@ -24,7 +25,7 @@ from imsm import CONF_DIR
 from imsm.model.build import build_model
 from imsm.model.siamese import IMSMModel
 from imsm.record import RunRecord, write_record
-from imsm.timing import alternate, decode_fn, prompt_batch
+from imsm.timing import alternate, decode_fn, paired_ratio, prompt_batch
 
 ADALORA_PLACEHOLDER_STEPS = 1000  # AdaLoRA's schedule needs a step count; decoding does not depend on it
 # `speed` when the config leaves it null (`python -m imsm.speed` alone): the paper's Table 5 settings
@@ -58,6 +59,8 @@ def speed_run(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> dict[st
             device,
         )
     tokens_per_s = {name: batch * new / s["median"] for name, s in seconds.items()}
+    # the tokens/s ratio per round (vanilla's time over IMSM's, timed side by side): its median and interval
+    paired = paired_ratio(seconds["vanilla"], seconds["imsm"])
     result = {
         **record,
         "status": "ok",
@@ -70,7 +73,8 @@ def speed_run(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> dict[st
             "repeats": int(sp.repeats),
             "seconds": seconds,
             "tokens_per_s": tokens_per_s,
-            "imsm/vanilla": tokens_per_s["imsm"] / tokens_per_s["vanilla"],
+            "imsm/vanilla": paired["median"],
+            "imsm/vanilla_interval": paired,
         },
         "trainable_parameters": imsm.trainable_parameters(),
         "wall_seconds": time.perf_counter() - start,

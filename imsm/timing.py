@@ -2,13 +2,17 @@
 
 A noisy machine makes absolute times move between runs, so contenders are compared inside one process and
 interleaved inside every repeat (A B C A B C ...): a slow spell hits all of them. Each contender's number is the
-median over repeats, reported with its min-max spread. Decoding ignores EOS so every contender generates exactly
-the same number of tokens, which makes the timing independent of the weights' values.
+median over repeats, reported with its min-max spread. A ratio between two contenders is taken per repeat (the two
+timed side by side in the same round) and summarised by its median with a distribution-free confidence interval
+(``paired_ratio``), so drift between rounds cancels and a verdict near a bar can say "unsettled". Decoding ignores
+EOS so every contender generates exactly the same number of tokens, which makes the timing independent of the
+weights' values.
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import threading
 import time
@@ -40,9 +44,57 @@ def timed(fn: Callable[[], Any], device: str | torch.device) -> float:
     return time.perf_counter() - start
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    """``{"median", "min", "max", "n"}`` of one contender's repeats."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+def summary(values: list[float]) -> dict[str, Any]:
+    """``{"median", "min", "max", "n", "times"}`` of one contender's repeats (``times``: each repeat, in order)."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "times": list(values),
+    }
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """A distribution-free confidence interval for the median of ``values``: ``(low, high, achieved)``.
+
+    The order statistics ``x_(k)`` and ``x_(n+1-k)`` with the largest k for which ``P(Binom(n, 1/2) < k)`` is at
+    most ``(1 - confidence) / 2`` cover the median with probability ``achieved`` (>= ``confidence``). With too few
+    values for that (n < 6 at 95%) the interval is the whole range and ``achieved`` says how sure it is
+    (1 - 2 / 2^n: 0.9375 for 5 values).
+    """
+    x = sorted(values)
+    n = len(x)
+    if n == 0:
+        raise ValueError("median_interval: no values")
+    tail = [math.comb(n, i) / 2**n for i in range(n + 1)]  # P(Binom(n, 1/2) = i)
+    k, below = 1, tail[0]  # below: P(Binom < k)
+    while k < (n + 1) // 2 and below + tail[k] <= (1 - confidence) / 2:
+        below += tail[k]
+        k += 1
+    return x[k - 1], x[n - k], 1 - 2 * below
+
+
+def paired_ratio(
+    numerator: dict[str, Any], denominator: dict[str, Any], confidence: float = 0.95
+) -> dict[str, float]:
+    """Per-repeat ratios of two ``alternate`` summaries timed in the same rounds, summarised.
+
+    Round i's ratio is ``numerator.times[i] / denominator.times[i]``: both were timed side by side, so a slow spell
+    that hits the round hits both. Returns ``{"median", "low", "high", "confidence", "n"}`` (``median_interval``).
+    """
+    a, b = numerator["times"], denominator["times"]
+    if len(a) != len(b):
+        raise ValueError(f"paired_ratio: {len(a)} and {len(b)} repeats; a pair needs the same rounds")
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    low, high, achieved = median_interval(ratios, confidence)
+    return {
+        "median": statistics.median(ratios),
+        "low": low,
+        "high": high,
+        "confidence": achieved,
+        "n": len(a),
+    }
 
 
 def alternate(

@@ -83,6 +83,12 @@ def test_quick_benchmark_writes_every_ratio(tmp_path, capsys):
             assert math.isfinite(ratios[key]) and ratios[key] > 0, key
     assert ratios["train_step_floor_(vanilla+frozen_forward)/vanilla_fp32"] > 1.0
     assert ratios["speedup_imsm_vs_naive_64tok"] > 0
+    intervals = json.loads(path.read_text())["ratio_intervals"]
+    assert set(intervals) == set(
+        ratios
+    )  # every timed ratio has its interval (one repeat: low = median = high)
+    for key, ci in intervals.items():
+        assert ci["low"] <= ratios[key] == ci["median"] <= ci["high"] and ci["n"] == 1, key
     out = capsys.readouterr().out
     assert "train_step_time_imsm/vanilla_fp32" in out and ("PASS" in out or "MISS" in out)
 
@@ -199,9 +205,54 @@ def test_alternate_interleaves_contenders_after_warmup(monkeypatch):
         "min": 1.0,
         "max": 1.0,
         "n": 3,
+        "times": [1.0, 1.0, 1.0],
     }  # each call: one tick of the fake clock
     with pytest.raises(ValueError, match="repeats=0"):
         timing.alternate({"a": lambda: None}, 0, "cpu")
+
+
+def test_median_interval_is_the_order_statistics_interval_of_the_binomial_tables():
+    # n, (k, n + 1 - k) 1-based, coverage 1 - 2 P(Binom(n, 1/2) < k): the classical sign-test table at 95%
+    for n, (lo, hi), coverage in [
+        (5, (1, 5), 1 - 2 / 32),  # too few values for 95%: the whole range, and how sure it is
+        (6, (1, 6), 1 - 2 / 64),
+        (9, (2, 8), 1 - 2 * 10 / 512),
+        (20, (6, 15), 1 - 2 * sum(math.comb(20, i) for i in range(6)) / 2**20),
+    ]:
+        values = [float(v) for v in range(n, 0, -1)]  # unsorted on purpose
+        assert timing.median_interval(values) == (lo, hi, pytest.approx(coverage)), n
+    assert timing.median_interval([3.0]) == (3.0, 3.0, 0.0)
+    with pytest.raises(ValueError, match="no values"):
+        timing.median_interval([])
+
+
+def test_paired_ratio_compares_the_rounds_side_by_side():
+    # round 3 is slow for both contenders: its ratio is still 1.25 and the drift does not widen the interval
+    a = timing.summary([1.25, 2.5, 12.5, 1.25, 2.5, 1.25])
+    b = timing.summary([1.0, 2.0, 10.0, 1.0, 2.0, 1.0])
+    assert timing.paired_ratio(a, b) == {
+        "median": pytest.approx(1.25),
+        "low": pytest.approx(1.25),
+        "high": pytest.approx(1.25),
+        "confidence": pytest.approx(1 - 2 / 64),
+        "n": 6,
+    }
+    assert (a["min"], a["max"]) == (1.25, 12.5)  # each contender's own spread is wide; the pair's is not
+    with pytest.raises(ValueError, match="same rounds"):
+        timing.paired_ratio(timing.summary([1.0]), b)
+
+
+def test_verdict_says_unsettled_when_the_interval_straddles_the_bar():
+    name = "decode_tok_s_imsm/vanilla_bf16_b1"
+    ci = {"low": 0.91, "high": 0.97}
+    assert bench.verdict(name, 0.94, ci, peft="ia3").endswith("PASS")  # bar 0.90
+    assert bench.verdict(name, 0.94, ci, peft="lora").endswith("UNSETTLED")  # LoRA's bar is 0.95
+    assert bench.verdict(name, 0.85, {"low": 0.80, "high": 0.89}, peft="ia3").endswith("MISS")
+    assert bench.verdict("train_step_time_imsm/vanilla_fp32", 1.2, {"low": 1.1, "high": 1.31}).endswith(
+        "UNSETTLED"
+    )
+    assert bench.verdict("peak_memory_imsm/vanilla_train", 1.1).endswith("PASS")  # no interval: the value
+    assert bench.verdict("decode_tok_s_imsm/hf_generate_bf16_b1", 0.5, ci) == "(report)"
 
 
 def test_decode_fn_ignores_eos_and_prompt_batch_repeats_one_prompt():
@@ -234,6 +285,8 @@ def test_speed_job_writes_tokens_per_second(tmp_path):
     sp = written["speed"]
     assert sp["new_tokens"] == 4 and sp["repeats"] == 1 and sp["seconds"]["imsm"]["n"] == 1
     assert sp["imsm/vanilla"] == pytest.approx(sp["tokens_per_s"]["imsm"] / sp["tokens_per_s"]["vanilla"])
+    ci = sp["imsm/vanilla_interval"]  # one repeat: the interval is that round's ratio
+    assert ci["n"] == 1 and ci["low"] == ci["median"] == ci["high"] == sp["imsm/vanilla"]
     assert result["speed"] == sp
     with pytest.raises(ValueError, match="gate='none' has no gate"):
         speed.speed_run(
