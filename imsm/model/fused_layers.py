@@ -72,18 +72,23 @@ def adalora_linear(layer: SVDLinear, batch: int, x: torch.Tensor, *args: Any, **
 def ia3_linear(layer: IA3Linear, batch: int, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """(IA)^3 on rows ``[batch:]``: the input scaled (feed-forward layers) or the output scaled: ``ia3.Linear``."""
     previous = dtype = x.dtype
-    scaling: Any = 1
+    scaling: Any = None
     for name in layer.active_adapters:
         if name not in layer.ia3_l:
             continue
         dtype = layer.ia3_l[name].dtype
-        scaling = scaling * layer.ia3_l[name].flatten()
+        vector = layer.ia3_l[name].flatten()
+        scaling = vector if scaling is None else scaling * vector  # peft starts from 1: the same values
+    if scaling is None:  # no active vector here: peft multiplies by 1
+        return layer.base_layer(x, *args, **kwargs)
     if layer.is_feedforward:
         # the scaled rows join the frozen ones in one matmul, so the weight is still read once
         tuned = (x[batch:].to(dtype) * scaling).to(previous)
         return layer.base_layer(torch.cat([x[:batch], tuned]), *args, **kwargs)
     result = layer.base_layer(x, *args, **kwargs)
-    result[batch:] = (result[batch:] * scaling).to(result.dtype)
+    # in place on the tuned rows (one op instead of a product and a copy back): computed in the promoted dtype and
+    # rounded once to the output's, as peft's ``(result * scaling).to(result.dtype)``
+    result[batch:] *= scaling
     return result
 
 
