@@ -1,7 +1,7 @@
 """Timing helpers shared by the benchmark script and the speed job (Table 5).
 
 A noisy machine makes absolute times move between runs, so contenders are compared inside one process and
-interleaved inside every repeat (A B C A B C ...): a slow spell hits all of them. Each contender's number is the
+interleaved inside every repeat (A B C C B A ...): a slow spell hits all of them. Each contender's number is the
 median over repeats, reported with its min-max spread. A ratio between two contenders is taken per repeat (the two
 timed side by side in the same round) and summarised by its median with a distribution-free confidence interval
 (``paired_ratio``), so drift between rounds cancels and a verdict near a bar can say "unsettled". Decoding ignores
@@ -99,8 +99,12 @@ def paired_ratio(
 
 def alternate(
     contenders: dict[str, Callable[[], Any]], repeats: int, device: str | torch.device, warmup: int = 1
-) -> dict[str, dict[str, float]]:
-    """Time each contender ``repeats`` times, interleaved (A B C A B C ...), after ``warmup`` untimed rounds.
+) -> dict[str, dict[str, Any]]:
+    """Time each contender ``repeats`` times, interleaved, after ``warmup`` untimed rounds.
+
+    Rounds alternate their order (A B C, C B A, A B C, ...), so no contender always runs first or right after the
+    same neighbour: a drift within a round, or what one contender leaves behind (freed memory, warm caches), does
+    not favour one side of a ratio every time.
 
     Returns ``{name: summary(seconds)}``.
     """
@@ -110,9 +114,10 @@ def alternate(
         for fn in contenders.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            times[name].append(timed(fn, device))
+    order = list(contenders)
+    for i in range(repeats):
+        for name in order if i % 2 == 0 else reversed(order):
+            times[name].append(timed(contenders[name], device))
     return {name: summary(v) for name, v in times.items()}
 
 
