@@ -81,7 +81,8 @@ def paired_ratio(
     """Per-repeat ratios of two ``alternate`` summaries timed in the same rounds, summarised.
 
     Round i's ratio is ``numerator.times[i] / denominator.times[i]``: both were timed side by side, so a slow spell
-    that hits the round hits both. Returns ``{"median", "low", "high", "confidence", "n"}`` (``median_interval``).
+    that hits the round hits both. The median and its order-statistic interval, not ``imsm.metrics.bootstrap_ci``'s
+    mean: a round disturbed by something else on the machine should not move the number. Returns ``{"median", "low", "high", "confidence", "n"}`` (``median_interval``).
     """
     a, b = numerator["times"], denominator["times"]
     if len(a) != len(b):

@@ -188,11 +188,17 @@ for log in sorted(out.glob("bench_*.log"), key=lambda p: p.stat().st_mtime):  # 
     print(f"\n{name}" + (f"  [{error}]" if error else ""))
     for shape, t in toks.items():
         cells = [f"{k} {v:.0f}" for k, v in t.items()]
-        if "imsm" in t and "vanilla" in t:
-            cells.append(f"imsm/vanilla {t['imsm'] / t['vanilla']:.2f}")
-        if "imsm_static" in t and "vanilla_static" in t:
-            cells.append(f"static imsm/vanilla {t['imsm_static'] / t['vanilla_static']:.2f}")
-            cells.append(f"imsm static/eager {t['imsm_static'] / t['imsm']:.2f}")
+        # the bench's own ratios (medians of per-round ratios) when its JSON is there, else ratios of medians
+        for label, (a, b) in {
+            "imsm/vanilla": ("imsm", "vanilla"),
+            "static imsm/vanilla": ("imsm_static", "vanilla_static"),
+            "imsm static/eager": ("imsm_static", "imsm"),
+        }.items():
+            key = f"decode_tok_s_{a}/{b}_{shape}"
+            if key in ratios:
+                cells.append(f"{label} {ratios[key]:.2f}")
+            elif a in t and b in t:
+                cells.append(f"{label} {t[a] / t[b]:.2f} (of medians)")
         print(f"  decode {shape:9} tok/s: " + ", ".join(cells))
         if shape in compile_s:
             print(f"  {'':16} compile s: " + ", ".join(f"{k} {v:.0f}" for k, v in compile_s[shape].items())
