@@ -43,6 +43,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from imsm import CONF_DIR
 from imsm.backbones import autocast_context, load_tokenizer, resolve_dtype
+from imsm.model.attention import attention_implementation
 from imsm.model.build import build_model, wrap_backbone
 from imsm.model.frozen_cache import FrozenCache, frozen_cache_for
 from imsm.model.siamese import IMSMModel, pool_query
@@ -223,6 +224,16 @@ def hf_generate_fn(model: IMSMModel, ids: torch.Tensor, mask: torch.Tensor, new:
     )
 
 
+def under_attention(backbone: Any, name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with ``backbone``'s attention implementation set to ``name`` (then restored)."""
+
+    def run() -> Any:
+        with attention_implementation(backbone, name):
+            return fn()
+
+    return run
+
+
 class NaiveSiamese:
     """The authors' decoder: two full model copies, no KV cache, both re-run over the whole sequence each step
     (full-vocabulary logits included, as their ``model(input_ids, output_hidden_states=True)`` calls do)."""
@@ -395,6 +406,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "imsm_unfused": decode_fn(imsm, ids, mask, args.new_tokens, fuse_streams=False, **eager),
                     "vanilla_hf_generate": hf_generate_fn(imsm, ids, mask, args.new_tokens),
                 }
+            if args.attention_ab:  # the same decoders with transformers' sdpa for every attention call
+                contenders |= {
+                    f"{name}_sdpa": under_attention(imsm.backbone, "sdpa", contenders[name])
+                    for name in ("imsm", "vanilla")
+                }
             if static and precision in (args.static_precisions or args.decode_precisions):
                 compiled = {
                     "imsm_static": decode_fn(imsm, ids, mask, args.new_tokens, static_cache=True),
@@ -436,6 +452,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if not args.pair_only:
                 ratios.put(f"decode_tok_s_imsm_unfused/vanilla_{tag}", res["vanilla"], res["imsm_unfused"])
                 ratios.put(f"decode_tok_s_imsm/hf_generate_{tag}", res["vanilla_hf_generate"], res["imsm"])
+            if args.attention_ab:  # above 1: imsm_sdpa's decoding attention is the faster one
+                for name in ("imsm", "vanilla"):
+                    ratios.put(f"decode_tok_s_{name}/{name}_sdpa_{tag}", res[f"{name}_sdpa"], res[name])
+                ratios.put(f"decode_tok_s_imsm_sdpa/vanilla_sdpa_{tag}", res["vanilla_sdpa"], res["imsm_sdpa"])
             if "imsm_static" in toks:
                 ratios.put(
                     f"decode_tok_s_imsm_static/vanilla_static_{tag}",
@@ -565,6 +585,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="decode only IMSM and vanilla (not imsm_unfused, vanilla_hf_generate): shorter rounds, so more of "
         "them in the same time and each pair timed closer together",
+    )
+    p.add_argument(
+        "--attention-ab",
+        action="store_true",
+        help="also decode IMSM and vanilla with transformers' sdpa attention instead of imsm_sdpa's decoding "
+        "attention (imsm.model.attention): the speed-up on this machine and the ratio under each",
     )
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument(

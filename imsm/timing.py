@@ -125,11 +125,12 @@ def alternate(
 def prompt_batch(
     tokenizer: Any, batch: int, length: int, device: str | torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same prompt of (at most) ``length`` tokens repeated ``batch`` times.
+    """The same prompt of ``length`` tokens repeated ``batch`` times (``PROMPT_TEXT``'s tokens, tiled as needed).
 
     Returns ``input_ids`` and ``attention_mask``, both (batch, length), no padding.
     """
-    ids = tokenizer(PROMPT_TEXT)["input_ids"][:length]
+    text = tokenizer(PROMPT_TEXT)["input_ids"]
+    ids = (text * -(-length // len(text)))[:length]
     input_ids = torch.tensor([ids] * batch, device=device)
     return input_ids, torch.ones_like(input_ids)
 

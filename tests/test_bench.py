@@ -63,6 +63,7 @@ def test_quick_benchmark_writes_every_ratio(tmp_path, capsys):
             "1",
             "--batches",
             "1",
+            "--attention-ab",
             "--out",
             str(tmp_path),
         ]
@@ -78,6 +79,9 @@ def test_quick_benchmark_writes_every_ratio(tmp_path, capsys):
             "train_3_epochs_time_imsm_uncached/vanilla",
             "decode_tok_s_imsm/vanilla",
             "decode_tok_s_imsm/hf_generate",
+            "decode_tok_s_imsm/imsm_sdpa",  # --attention-ab
+            "decode_tok_s_vanilla/vanilla_sdpa",
+            "decode_tok_s_imsm_sdpa/vanilla_sdpa",
         ):
             key = f"{name}_{precision}" if name.startswith("train") else f"{name}_{precision}_b1"
             assert math.isfinite(ratios[key]) and ratios[key] > 0, key
@@ -259,6 +263,8 @@ def test_decode_fn_ignores_eos_and_prompt_batch_repeats_one_prompt():
     tok = load_tokenizer(prepare_smollm2())
     ids, mask = timing.prompt_batch(tok, 3, 20, "cpu")
     assert ids.shape == mask.shape == (3, 20) and bool(mask.all()) and torch.equal(ids[0], ids[2])
+    long, _ = timing.prompt_batch(tok, 1, 1000, "cpu")  # longer than the text: its tokens again
+    assert long.shape == (1, 1000) and torch.equal(long[0, :20], ids[0])
     model = make_imsm("query_aware")
     out = timing.decode_fn(model, ids % 97, mask, 7)()
     assert out.shape == (3, 7)  # exactly `new` tokens whatever the model emits

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from imsm.model.attention import use_decode_attention
 from imsm.model.chatglm import ChatGLMFamily
 
 
@@ -61,7 +62,8 @@ class DecoderFamily:
     batch_first = True
 
     def prepare(self, model: nn.Module) -> None:
-        """Nothing to adjust: transformers' own classes already fit."""
+        """Decoding steps' attention on CPU without the flash kernel (``imsm.model.attention``); the rest fits."""
+        use_decode_attention(model)
 
     def decoder(self, model: nn.Module) -> nn.Module:
         return model.get_decoder()
