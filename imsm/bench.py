@@ -455,7 +455,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.attention_ab:  # above 1: imsm_sdpa's decoding attention is the faster one
                 for name in ("imsm", "vanilla"):
                     ratios.put(f"decode_tok_s_{name}/{name}_sdpa_{tag}", res[f"{name}_sdpa"], res[name])
-                ratios.put(f"decode_tok_s_imsm_sdpa/vanilla_sdpa_{tag}", res["vanilla_sdpa"], res["imsm_sdpa"])
+                ratios.put(
+                    f"decode_tok_s_imsm_sdpa/vanilla_sdpa_{tag}", res["vanilla_sdpa"], res["imsm_sdpa"]
+                )
             if "imsm_static" in toks:
                 ratios.put(
                     f"decode_tok_s_imsm_static/vanilla_static_{tag}",
