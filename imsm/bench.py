@@ -322,6 +322,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "threads": torch.get_num_threads(),
         "random_init": args.random_init,
+        "args": {k: v for k, v in vars(args).items() if k != "memory_probe"},  # the command's settings
     }
     imsm, tok = build(args.backbone, "query_aware", dev, random_init=args.random_init, peft=args.peft)
     vanilla = IMSMModel(imsm.peft_model, None)  # same weights, same code, no frozen stream and no gate

@@ -70,6 +70,7 @@ def test_quick_benchmark_writes_every_ratio(tmp_path, capsys):
     )
     (path,) = tmp_path.glob("bench_tiny_llama_cpu_*.json")
     ratios = json.loads(path.read_text())["ratios"]
+    assert json.loads(path.read_text())["args"]["attention_ab"] is True  # the command's settings are kept
     for precision in ("fp32", "bf16"):
         for name in (
             "train_step_time_imsm/vanilla",

@@ -2,9 +2,10 @@
 
 Greedy decoding attends one new query per row to the whole KV cache. On CPU, transformers' ``sdpa`` sends that to
 ``scaled_dot_product_attention``'s flash kernel, which works in blocks meant for long queries: for SmolLM2-135M's
-shapes (9 heads, 3 KV heads, 64 dims) one call took 105 us at 228 cached tokens and 489 us at 1,024, against 38 us
-and 91 us for the same products as two small matrix multiplies, and twice as long again at batch 2, the doubled batch
-IMSM decodes both streams with (docs/performance.md, "Decoding attention on CPU"). So decoding paid for attention
+shapes (9 heads, 3 KV heads, 64 dims, bf16) one call took 129 us at 228 cached tokens and 555 us at 1,024, against
+66 us and 162 us for the same products as two small matrix multiplies, and at batch 2, the doubled batch IMSM
+decodes both streams with, 281 and 1,096 us against 106 and 227 (``scripts/decode_attention_bench.py``,
+docs/performance.md, "Decoding attention on CPU"). So decoding paid for attention
 in proportion to its length, and IMSM paid twice.
 
 ``imsm_sdpa`` is transformers' ``sdpa`` with one change: a single query (``q_len == 1``) on CPU is computed as

@@ -232,8 +232,9 @@ def chosen(model: IMSMModel, device: torch.device, static_cache: bool | None) ->
 
     Off by default because it has never run on a GPU: whether it is faster there than the eager decoder (with a
     compilation per batch size and length bucket) is what ``scripts/gpu_check.sh`` measures (``imsm_static`` vs
-    ``imsm`` in the bench); on CPU its speed has not been measured either (compiling a tiny test model took 15-30 s
-    per variant).
+    ``imsm`` in the bench). On a 2-core CPU (SmolLM2-135M, bf16, batch 1, 2026-12-02) it decoded LoRA, AdaLoRA,
+    IA3, LoHa and LoRAMoE 1.3-1.6x faster than the eager decoder after 13-97 s of compiling per variant, but DoRA
+    0.83x (docs/performance.md): not a default there either; ``IMSM_STATIC_CACHE=1`` for long CPU runs.
     """
     if static_cache is not None:
         return static_cache
