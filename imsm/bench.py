@@ -225,7 +225,10 @@ def hf_generate_fn(model: IMSMModel, ids: torch.Tensor, mask: torch.Tensor, new:
 
 
 def under_attention(backbone: Any, name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
-    """``fn`` run with ``backbone``'s attention implementation set to ``name`` (then restored)."""
+    """``fn`` run with ``backbone``'s attention implementation set to ``name`` (then restored).
+
+    Switching and restoring take ~1.3 ms on SmolLM2 (2026-12-02), inside the timed call: ~0.03% of a decoding run.
+    """
 
     def run() -> Any:
         with attention_implementation(backbone, name):

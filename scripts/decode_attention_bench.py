@@ -11,7 +11,6 @@ kernel's largest error against float64.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
@@ -19,15 +18,17 @@ import torch.nn.functional as F
 
 from imsm.backbones import resolve_dtype
 from imsm.model.attention import single_query_attention
-from imsm.timing import paired_ratio
+from imsm.timing import alternate, paired_ratio
 
 
-def per_call(fn, calls: int) -> float:
-    """Seconds per call of ``fn`` over ``calls`` calls."""
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
+def repeat(fn: Callable[[], object], calls: int) -> Callable[[], None]:
+    """``fn`` called ``calls`` times in a row."""
+
+    def run() -> None:
+        for _ in range(calls):
+            fn()
+
+    return run
 
 
 def kernels_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> dict[str, Callable]:
@@ -72,14 +73,11 @@ def main() -> None:
                 "flash": (kernels["flash"]().double() - exact).abs().max().item(),
                 "imsm_sdpa": (kernels["imsm_sdpa"]().double() - exact.transpose(1, 2)).abs().max().item(),
             }
-            for fn in kernels.values():  # warm-up
-                per_call(fn, args.calls // 4)
-            times: dict[str, list[float]] = {name: [] for name in kernels}
-            for i in range(args.rounds):
-                for name in kernels if i % 2 == 0 else reversed(kernels):
-                    times[name].append(per_call(kernels[name], args.calls))
-            ratio = paired_ratio({"times": times["flash"]}, {"times": times["imsm_sdpa"]})
-            med = {name: sorted(t)[len(t) // 2] * 1e6 for name, t in times.items()}
+            # each timing runs `calls` calls (one call is tens of microseconds), rounds interleaved by alternate
+            batches = {name: repeat(fn, args.calls) for name, fn in kernels.items()}
+            res = alternate(batches, args.rounds, "cpu")
+            ratio = paired_ratio(res["flash"], res["imsm_sdpa"])
+            med = {name: r["median"] / args.calls * 1e6 for name, r in res.items()}
             print(
                 f"length {length:5d} batch {batch}: flash {med['flash']:6.0f} us, imsm_sdpa {med['imsm_sdpa']:5.0f} us,"
                 f" ratio {ratio['median']:.2f} [{ratio['low']:.2f}, {ratio['high']:.2f}];"

@@ -94,9 +94,8 @@ def test_only_single_cpu_queries_without_extras_take_the_fast_path():
     assert fast_path_applies(q, k, None, 0.0, {})
     assert fast_path_applies(q, k, padding_mask(3, 11), 0.0, {"position_ids": None})
     assert not fast_path_applies(torch.randn(3, 6, 4, 8), k, None, 0.0, {})  # prefill / training: 4 queries
-    assert not fast_path_applies(
-        q.to("meta"), k.to("meta"), None, 0.0, {}
-    )  # not CPU (CUDA keeps sdpa's kernels)
+    # not CPU (CUDA keeps sdpa's kernels)
+    assert not fast_path_applies(q.to("meta"), k.to("meta"), None, 0.0, {})
     assert not fast_path_applies(q, k, None, 0.1, {})  # dropout
     for extra in ({"softcap": 30.0}, {"sinks": torch.zeros(6)}, {"position_bias": torch.zeros(1)}):
         assert not fast_path_applies(q, k, None, 0.0, extra)

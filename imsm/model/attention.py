@@ -2,7 +2,7 @@
 
 Greedy decoding attends one new query per row to the whole KV cache. On CPU, transformers' ``sdpa`` sends that to
 ``scaled_dot_product_attention``'s flash kernel, which works in blocks meant for long queries: for SmolLM2-135M's
-shapes (9 heads, 3 KV heads, 64 dims, bf16) one call took 129 us at 228 cached tokens and 555 us at 1,024, against
+shapes (9 heads, 3 KV heads, 64 dims, bf16), in one run, one call took 129 us at 228 cached tokens and 555 us at 1,024, against
 66 us and 162 us for the same products as two small matrix multiplies, and at batch 2, the doubled batch IMSM
 decodes both streams with, 281 and 1,096 us against 106 and 227 (``scripts/decode_attention_bench.py``,
 docs/performance.md, "Decoding attention on CPU"). So decoding paid for attention
@@ -58,14 +58,15 @@ def single_query_attention(
     q = query.reshape(batch, kv_heads, heads // kv_heads, dim).float()
     scores = torch.matmul(q, key.float().transpose(-1, -2)) * scale  # (batch, kv_heads, group, kv_len)
     if attention_mask is not None:
-        mask = attention_mask  # (batch or 1, 1, 1, kv_len) broadcasts over the grouped heads as it is
-        if (
-            mask.shape[1] > 1
-        ):  # one mask per head: (batch, heads, 1, kv_len) -> (batch, kv_heads, group, kv_len)
+        # (batch or 1, 1, 1, kv_len) broadcasts over the grouped heads as it is; one mask per head,
+        # (batch, heads, 1, kv_len), becomes (batch, kv_heads, group, kv_len)
+        mask = attention_mask
+        if mask.shape[1] > 1:
             mask = mask.reshape(mask.shape[0], kv_heads, heads // kv_heads, mask.shape[-1])
-        scores = (
-            scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-        )
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
     out = torch.matmul(torch.softmax(scores, dim=-1), value.float())  # (batch, kv_heads, group, d_v)
     return out.reshape(batch, 1, heads, value.shape[-1]).to(query.dtype)
 
@@ -115,9 +116,8 @@ def fast_path_applies(
 
 
 AttentionInterface.register(NAME, decode_attention_forward)
-AttentionMaskInterface.register(
-    NAME, sdpa_mask
-)  # the same masks as sdpa (boolean, or None where causal suffices)
+# the same masks as sdpa (boolean, or None where causal suffices)
+AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def enabled() -> bool:
