@@ -19,6 +19,10 @@ MISS only when the whole interval is on one side of the bar (UNSETTLED otherwise
 3. peak memory of each (RSS of a fresh subprocess on CPU; ``torch.cuda.max_memory_allocated`` on GPU);
 4. IMSM vs the naive decoder (two model copies, no KV cache, full recomputation each step) at 256 new tokens.
 
+``--lockstep`` times the decoding pair and the cached-training epochs step by step, side by side
+(``imsm.timing.lockstep``) instead of whole runs in turn: on a CPU whose speed drifts within seconds it narrows the
+intervals of those ratios.
+
 Measured numbers and what was tried: docs/performance.md.
 """
 
@@ -32,7 +36,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +51,16 @@ from imsm.model.attention import attention_implementation
 from imsm.model.build import build_model, wrap_backbone
 from imsm.model.frozen_cache import FrozenCache, frozen_cache_for
 from imsm.model.siamese import IMSMModel, pool_query
-from imsm.timing import alternate, decode_fn, paired_ratio, peak_memory_mib, prompt_batch, sync
+from imsm.timing import (
+    alternate,
+    decode_fn,
+    decode_steps_fn,
+    lockstep,
+    paired_ratio,
+    peak_memory_mib,
+    prompt_batch,
+    sync,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 NOISE_STD = 0.02  # scale of the noise that moves each adapter off its no-op start (see randomize_adapter)
@@ -158,32 +171,51 @@ def train_step_fn(
     return step
 
 
-def epochs_fn(
+def epoch_steps_fn(
     model: IMSMModel,
     batches: list[dict[str, torch.Tensor]],
     epochs: int,
     autocast: str,
     device: str,
     cache: bool,
-) -> Callable[[], FrozenCache | None]:
-    """``epochs`` passes over ``batches``, one optimiser step per batch, as a training run's epochs.
+) -> Callable[[], Iterator[None]]:
+    """``epochs`` passes over ``batches``, one optimiser step per batch, as a training run's epochs: a factory of
+    iterators whose every ``next`` is one step (``imsm.timing.lockstep``); the iterator returns the filled cache.
 
-    ``cache``: with ``trainer.cache_frozen``'s cache (``imsm.model.frozen_cache``), fresh for each call, so the
+    ``cache``: with ``trainer.cache_frozen``'s cache (``imsm.model.frozen_cache``), fresh for each run, so the
     first epoch runs and stores the frozen stream and the later ones read it. Each batch carries its rows' example
-    indices, as ``IndexedDataset`` gives them. The callable returns the filled cache (None without).
+    indices, as ``IndexedDataset`` gives them. The model holds the cache only during its own steps, so runs of the
+    same model with and without a cache can be stepped in turn.
     """
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     steps = [train_step_fn(model, b, autocast, device, opt=opt) for b in batches]
 
-    def run() -> FrozenCache | None:
-        model.frozen_cache = frozen_cache_for(model) if cache else None
-        try:
-            for _ in range(epochs):
-                for step in steps:
+    def run() -> Iterator[None]:
+        frozen = frozen_cache_for(model) if cache else None
+        for _ in range(epochs):
+            for step in steps:
+                model.frozen_cache = frozen
+                try:
                     step()
-            return model.frozen_cache
-        finally:
-            model.frozen_cache = None
+                finally:
+                    model.frozen_cache = None
+                yield
+        return frozen
+
+    return run
+
+
+def epochs_fn(*args: Any, **kwargs: Any) -> Callable[[], FrozenCache | None]:
+    """``epoch_steps_fn``'s run as one call (same arguments) that returns the filled cache (None without)."""
+    make = epoch_steps_fn(*args, **kwargs)
+
+    def run() -> FrozenCache | None:
+        steps = make()
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
 
     return run
 
@@ -312,6 +344,19 @@ class Ratios(dict):
         self.intervals[name] = ci
 
 
+def report_decode(
+    results: dict[str, Any], ratios: Ratios, res: dict[str, dict], precision: str, bsz: int, new: int
+) -> None:
+    """Store one decoding comparison (``alternate``'s or ``lockstep``'s summaries) and its IMSM/vanilla ratio."""
+    toks = {k: bsz * new / v["median"] for k, v in res.items()}
+    results[f"decode_{precision}_b{bsz}"] = {"seconds": res, "tokens_per_s": toks}
+    # tokens/s of a over b: b's time over a's (the same tokens), per round
+    ratios.put(f"decode_tok_s_imsm/vanilla_{precision}_b{bsz}", res["vanilla"], res["imsm"])
+    print(
+        f"decode {precision} b{bsz}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in toks.items()), flush=True
+    )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     dev = args.device
     results: dict[str, Any] = {
@@ -367,13 +412,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for i, rows in enumerate(torch.arange(8 * args.cache_batches, device=dev).split(8))
         ]
         imsm.frozen_cache = None
-        contenders = {
-            "imsm_cached": epochs_fn(imsm, batches, args.cache_epochs, precision, dev, cache=True),
-            "vanilla": epochs_fn(vanilla, batches, args.cache_epochs, precision, dev, cache=False),
-            "imsm": epochs_fn(imsm, batches, args.cache_epochs, precision, dev, cache=False),
-        }
-        filled = contenders["imsm_cached"]()  # warm-up round, and the cache's size
-        res = alternate(contenders, args.repeats, dev, warmup=0)
+        runs = {"imsm_cached": (imsm, True), "vanilla": (vanilla, False), "imsm": (imsm, False)}
+        filled = epochs_fn(
+            imsm, batches, args.cache_epochs, precision, dev, cache=True
+        )()  # warm-up; its size
+        if args.lockstep:
+            contenders = {
+                k: epoch_steps_fn(m, batches, args.cache_epochs, precision, dev, cache=c)
+                for k, (m, c) in runs.items()
+            }
+            res = lockstep(contenders, args.repeats, dev, warmup=0)
+        else:
+            contenders = {
+                k: epochs_fn(m, batches, args.cache_epochs, precision, dev, cache=c)
+                for k, (m, c) in runs.items()
+            }
+            res = alternate(contenders, args.repeats, dev, warmup=0)
         n = args.cache_epochs
         results[f"train_{n}_epochs_s_{precision}"] = {
             **res,
@@ -396,11 +450,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # (CUDA graphs on CUDA, imsm.model.static_decoding), so their ratio is measured on equal footing too
     imsm.eval()
     static = args.static
+    # in lockstep a suspended fused IMSM decoder keeps the shared adapted layers split in halves
+    # (greedy_steps): vanilla decodes on its own copy of the same weights
+    paired = IMSMModel(copy.deepcopy(imsm.peft_model), None) if args.lockstep else vanilla
     for precision in args.decode_precisions:
         imsm.to(resolve_dtype(precision))
         for bsz in args.batches:
             ids, mask = prompt_batch(tok, bsz, args.prompt_len, dev)
             eager = {"static_cache": False}
+            if args.lockstep:
+                paired.to(resolve_dtype(precision))
+                res = lockstep(
+                    {
+                        "imsm": decode_steps_fn(imsm, ids, mask, args.new_tokens),
+                        "vanilla": decode_steps_fn(paired, ids, mask, args.new_tokens),
+                    },
+                    args.repeats,
+                    dev,
+                )
+                report_decode(results, ratios, res, precision, bsz, args.new_tokens)
+                continue
             contenders = {
                 "imsm": decode_fn(imsm, ids, mask, args.new_tokens, **eager),
                 "vanilla": decode_fn(vanilla, ids, mask, args.new_tokens, **eager),
@@ -448,11 +517,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         flush=True,
                     )
             res = alternate(contenders, args.repeats, dev)
-            toks = {k: bsz * args.new_tokens / v["median"] for k, v in res.items()}
-            results[f"decode_{precision}_b{bsz}"] = {"seconds": res, "tokens_per_s": toks}
-            # tokens/s of a over b: b's time over a's (the same tokens), per round
+            report_decode(results, ratios, res, precision, bsz, args.new_tokens)
             tag = f"{precision}_b{bsz}"
-            ratios.put(f"decode_tok_s_imsm/vanilla_{tag}", res["vanilla"], res["imsm"])
             if not args.pair_only:
                 ratios.put(f"decode_tok_s_imsm_unfused/vanilla_{tag}", res["vanilla"], res["imsm_unfused"])
                 ratios.put(f"decode_tok_s_imsm/hf_generate_{tag}", res["vanilla_hf_generate"], res["imsm"])
@@ -462,7 +528,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ratios.put(
                     f"decode_tok_s_imsm_sdpa/vanilla_sdpa_{tag}", res["vanilla_sdpa"], res["imsm_sdpa"]
                 )
-            if "imsm_static" in toks:
+            if "imsm_static" in res:
                 ratios.put(
                     f"decode_tok_s_imsm_static/vanilla_static_{tag}",
                     res["vanilla_static"],
@@ -470,10 +536,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 # above 1: the static path is the faster one for IMSM (then worth IMSM_STATIC_CACHE=cuda)
                 ratios.put(f"decode_tok_s_imsm_static/imsm_{tag}", res["imsm"], res["imsm_static"])
-            print(
-                f"decode {precision} b{bsz}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in toks.items()),
-                flush=True,
-            )
         imsm.to(torch.float32)
 
     # 3. peak memory, each contender in its own process
@@ -598,6 +660,13 @@ def main(argv: list[str] | None = None) -> None:
         help="also decode IMSM and vanilla with transformers' sdpa attention instead of imsm_sdpa's decoding "
         "attention (imsm.model.attention): the speed-up on this machine and the ratio under each",
     )
+    p.add_argument(
+        "--lockstep",
+        action="store_true",
+        help="time the IMSM/vanilla decoding pair and the cached-training epochs step by step, side by side "
+        "(imsm.timing.lockstep), not whole runs in turn: a machine whose speed drifts within seconds then hits "
+        "both sides alike. Decodes only that pair (vanilla on its own copy of the weights)",
+    )
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument(
         "--random-init", help="model dir: its config and tokenizer with random weights (timing only)"
@@ -606,7 +675,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.static is None:
-        args.static = args.device.startswith("cuda")
+        args.static = args.device.startswith("cuda") and not args.lockstep
+    if args.lockstep and (args.static or args.attention_ab):
+        p.error("--lockstep times only the IMSM/vanilla pair: drop --static and --attention-ab")
     if args.memory_probe:
         memory_probe(args)
         return

@@ -16,11 +16,12 @@ import math
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from imsm.model.decoding import greedy_steps
 from imsm.model.siamese import IMSMModel
 
 # a GSM8K-like sentence repeated: a fixed, realistic prompt that any tokenizer turns into enough tokens
@@ -122,6 +123,56 @@ def alternate(
     return {name: summary(v) for name, v in times.items()}
 
 
+def lockstep(
+    contenders: dict[str, Callable[[], Iterator[Any]]],
+    repeats: int,
+    device: str | torch.device,
+    warmup: int = 1,
+) -> dict[str, dict[str, Any]]:
+    """Time contenders that work in steps (a decoder's tokens, a training run's optimiser steps) step by step, side
+    by side: each round takes one step of each in turn until all are done.
+
+    On a machine whose speed drifts within seconds, ``alternate``'s rounds (a whole decoding each) see different
+    speeds; here consecutive steps of the two sides are a few tens of milliseconds apart, so a slow spell hits
+    both sides of a ratio alike. The order alternates at every step (A B, B A, ...). A contender is a factory: each
+    call returns a fresh iterator whose every ``next`` is one step; ``warmup`` untimed rounds first.
+
+    Returns ``{name: summary(seconds)}`` (a round's time: the sum of its steps), each with ``first`` (the first
+    step's seconds per round: a decoder's prefill) and ``steps`` (steps per round).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: need at least one timed repeat")
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    first: dict[str, list[float]] = {name: [] for name in contenders}
+    steps: dict[str, int] = {}
+    for r in range(warmup + repeats):
+        running = {name: make() for name, make in contenders.items()}
+        total, head, count = dict.fromkeys(running, 0.0), {}, dict.fromkeys(running, 0)
+        k = 0
+        while running:
+            order = list(running) if k % 2 == 0 else list(reversed(running))
+            for name in order:
+                sync(device)
+                start = time.perf_counter()
+                try:
+                    next(running[name])
+                except StopIteration:
+                    del running[name]
+                    continue
+                sync(device)
+                seconds = time.perf_counter() - start
+                total[name] += seconds
+                head.setdefault(name, seconds)
+                count[name] += 1
+            k += 1
+        if r >= warmup:
+            for name in contenders:
+                times[name].append(total[name])
+                first[name].append(head.get(name, 0.0))
+                steps[name] = count[name]
+    return {name: {**summary(v), "first": first[name], "steps": steps[name]} for name, v in times.items()}
+
+
 def prompt_batch(
     tokenizer: Any, batch: int, length: int, device: str | torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +195,14 @@ def decode_fn(
     """
     # eos_token_id=-1: never stops early, so every contender decodes exactly `new` tokens
     return lambda: model.generate(ids, mask, max_new_tokens=new, eos_token_id=-1, pad_token_id=0, **kw)
+
+
+def decode_steps_fn(
+    model: IMSMModel, ids: torch.Tensor, mask: torch.Tensor, new: int, **kw: Any
+) -> Callable[[], Iterator[torch.Tensor]]:
+    """``decode_fn``'s decoding as a factory of step iterators for ``lockstep`` (the eager decoder,
+    ``imsm.model.decoding.greedy_steps``): each ``next`` yields one token per row, the first after the prefill."""
+    return lambda: greedy_steps(model, ids, mask, new, eos_token_id=-1, pad_token_id=0, **kw)
 
 
 def peak_memory_mib(fn: Callable[[], Any], device: str | torch.device, calls: int = 2) -> float:

@@ -322,3 +322,73 @@ def test_speed_entry_point_runs_one_job(tmp_path):
     )
     assert written["setup"]["speed"] == {**speed.DEFAULT_SPEED, "new_tokens": 2, "repeats": 1}
     assert written["speed"]["new_tokens"] == 2
+
+
+def test_lockstep_takes_one_step_of_each_contender_in_turn(monkeypatch):
+    calls: list[str] = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(clock)))
+
+    def steps(name: str, n: int):
+        def run():
+            for _ in range(n):
+                calls.append(name)
+                yield
+
+        return run
+
+    res = timing.lockstep({"a": steps("a", 3), "b": steps("b", 2)}, 2, "cpu", warmup=1)
+    # per round: A B, B A, then A alone (B is done); 1 untimed round, then 2 timed
+    assert calls == ["a", "b", "b", "a", "a"] * 3
+    assert res["a"]["times"] == [3.0, 3.0] and res["b"]["times"] == [2.0, 2.0]  # one tick per step, summed
+    assert res["a"]["first"] == [1.0, 1.0] and (res["a"]["steps"], res["b"]["steps"]) == (3, 2)
+    with pytest.raises(ValueError, match="repeats=0"):
+        timing.lockstep({"a": steps("a", 1)}, 0, "cpu")
+
+
+def test_lockstepped_decoders_give_the_tokens_each_gives_alone():
+    """IMSM (fused: its adapted layers split while suspended) beside vanilla on a copy of the weights, as the
+    bench's --lockstep runs them: stepping them in turn changes no token."""
+    import copy
+
+    from test_static_decoding import PROMPTS, lively_imsm
+
+    from imsm.data.collate import left_pad
+    from imsm.model.siamese import IMSMModel
+
+    model = lively_imsm(
+        "query_aware"
+    )  # continuations that change from token to token and between the streams
+    vanilla = IMSMModel(copy.deepcopy(model.peft_model), None)
+    ids, mask = left_pad(PROMPTS, 0)
+    tokens: dict[str, list] = {"imsm": [], "vanilla": []}
+
+    def recorded(name, m):
+        make = timing.decode_steps_fn(m, ids, mask, 9)
+        return lambda: (tokens[name].append(t) or t for t in make())
+
+    timing.lockstep({"imsm": recorded("imsm", model), "vanilla": recorded("vanilla", vanilla)}, 1, "cpu", 0)
+    for name, m in (("imsm", model), ("vanilla", vanilla)):
+        alone = timing.decode_fn(m, ids, mask, 9)()
+        assert torch.equal(torch.stack(tokens[name], dim=1), alone), name
+    assert not torch.equal(torch.stack(tokens["imsm"], 1), torch.stack(tokens["vanilla"], 1))  # not vacuous
+
+
+def test_cached_and_uncached_epochs_of_one_model_can_be_stepped_in_turn():
+    batches = [
+        {**bench.train_batch(97, 2, 12, 6, "cpu", seed=i), "index": torch.tensor([2 * i, 2 * i + 1])}
+        for i in range(2)
+    ]
+    model = make_imsm("query_aware")
+    calls = []
+    model.backbone.get_decoder().register_forward_hook(lambda *a: calls.append(1))
+    runs = {c: bench.epoch_steps_fn(model, batches, 3, "fp32", "cpu", cache=c)() for c in (True, False)}
+    for _ in range(6):
+        next(runs[True])
+        assert model.frozen_cache is None  # held only during the cached run's own step
+        next(runs[False])
+    with pytest.raises(StopIteration) as done:
+        next(runs[True])
+    filled = done.value.value
+    assert (filled.misses, filled.hits, len(filled.entries)) == (2, 4, 4)
+    assert len(calls) == 12 + 2 + 6  # tuned in every step; frozen in epoch 1 cached, in every step uncached

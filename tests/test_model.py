@@ -20,7 +20,7 @@ from imsm.constants import IGNORE_INDEX
 from imsm.data.collate import left_pad
 from imsm.model.adapters import PEFT, AdapterModel, adapter_kind, peft_type_of, saved_peft_type
 from imsm.model.build import build_model, load_model
-from imsm.model.decoding import greedy_generate
+from imsm.model.decoding import greedy_generate, greedy_steps
 from imsm.model.fusion import can_fuse_streams
 from imsm.model.gate import (
     GATE_ARGUMENTS,
@@ -32,7 +32,7 @@ from imsm.model.gate import (
     gate_from_config,
 )
 from imsm.model.loramoe import LoRAMoEModel
-from imsm.model.siamese import IMSMModel, pool_query
+from imsm.model.siamese import IMSMModel, pool_query, positions_from_mask
 
 torch.set_grad_enabled(True)
 
@@ -265,6 +265,43 @@ def test_fused_doubled_batch_equals_two_streams(gate):
     for row, p in zip(fused.tolist(), prompts, strict=True):
         expected = naive_generate(model, p, 10, 96)
         assert row[: len(expected)] == expected
+
+
+def test_small_prompts_are_read_as_one_doubled_batch_and_large_ones_stream_by_stream(monkeypatch):
+    from imsm.model import decoding
+
+    assert decoding.fuses_prefill(True, 2, 256, rows=16) and not decoding.fuses_prefill(True, 2, 257, rows=16)
+    assert not decoding.fuses_prefill(True, 4, 10, rows=3)  # not in one prefill chunk
+    assert not decoding.fuses_prefill(False, 1, 10, rows=16)  # two-pass decoding: two prefills
+    model = make_imsm("query_aware")
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23]], 0)
+    kwargs = {"max_new_tokens": 10, "eos_token_id": 96, "pad_token_id": 0}
+    calls = []
+    real = decoding.prefill_both
+    monkeypatch.setattr(decoding, "prefill_both", lambda *a: calls.append(1) or real(*a))
+    fused = model.generate(ids, mask, **kwargs)
+    assert calls == [1]  # 3 x 6 tokens: one doubled pass
+    base, tuned, cache = real(model, ids, mask, positions_from_mask(mask))
+    with torch.no_grad():  # its halves are each stream on its own, and its cache holds M's rows first
+        torch.testing.assert_close(base, model.stream_hidden(ids, mask, adapter=False), rtol=0, atol=1e-6)
+        torch.testing.assert_close(tuned, model.stream_hidden(ids, mask, adapter=True), rtol=0, atol=1e-6)
+    assert cache.layers[0].keys.shape[0] == 6
+    monkeypatch.setattr(decoding, "FUSED_PREFILL_TOKENS", 0)  # every prompt is "large": two prefills, joined
+    assert torch.equal(model.generate(ids, mask, **kwargs), fused) and calls == [1]
+    assert torch.equal(model.generate(ids, mask, fuse_streams=False, **kwargs), fused)
+
+
+def test_greedy_steps_yields_one_token_per_row_at_a_time():
+    model = make_imsm("query_aware")
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13]], 0)
+    steps = greedy_steps(model, ids, mask, 7, eos_token_id=-1, pad_token_id=0)
+    tokens = [next(steps) for _ in range(7)]
+    assert all(t.shape == (2,) for t in tokens)
+    with pytest.raises(StopIteration):
+        next(steps)
+    assert all("forward" not in vars(m) for m in model.peft_model.modules())  # the fused layers are restored
+    expected = model.generate(ids, mask, max_new_tokens=7, eos_token_id=-1, pad_token_id=0)
+    assert torch.equal(torch.stack(tokens, dim=1), expected)
 
 
 def test_dora_is_fused():

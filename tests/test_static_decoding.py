@@ -248,3 +248,18 @@ def test_cuda_graph_steps_give_the_greedy_tokens_and_replay_without_recompiling(
             args = {**DECODE, **kwargs}
             got = model.generate(ids, mask, static_cache=True, **args)
             assert torch.equal(got, greedy_generate(model, ids, mask, **args)), name
+
+
+def test_static_cache_reads_large_prompts_stream_by_stream(monkeypatch):
+    """Fused decoding reads small prompts as one doubled batch (``prefill_both``) and larger ones stream by stream:
+    the static cache is filled right from either."""
+    from imsm.model import decoding
+
+    model = lively_imsm("query_aware")
+    expected = greedy(model, PROMPTS)
+    calls = []
+    real = decoding.prefill_both
+    monkeypatch.setattr(static_decoding, "prefill_both", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(static(model, PROMPTS), expected) and calls == [1]
+    monkeypatch.setattr(decoding, "FUSED_PREFILL_TOKENS", 0)  # every prompt is "large"
+    assert torch.equal(static(model, PROMPTS), expected) and calls == [1]

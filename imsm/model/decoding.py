@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -57,6 +58,44 @@ def prefill(
     return torch.cat(hidden), model.family.concat_caches(caches)
 
 
+# Prompts of at most this many tokens per stream (batch x prompt length) are read by both streams as one doubled
+# batch. Small prefills leave a CPU's matrix kernels underused: on 2 cores (SmolLM2-135M, LoRA, 30 interleaved
+# rounds) one doubled pass took 0.76 of two passes at 1 x 100 tokens in bf16, 0.85 in fp32, 0.92 at 1 x 400 bf16,
+# and 1.03 at 8 x 100, where each pass is already large (docs/performance.md, "Prefill as one doubled batch").
+FUSED_PREFILL_TOKENS = 512
+
+
+def fuses_prefill(fuse: bool, batch: int, prompt_len: int, rows: int) -> bool:
+    """Whether a fused decoder reads the prompts as one doubled batch: small prompts (``FUSED_PREFILL_TOKENS``)
+    that fit in one prefill chunk (``rows`` rows)."""
+    return fuse and batch <= rows and batch * prompt_len <= FUSED_PREFILL_TOKENS
+
+
+def prefill_both(
+    model: IMSMModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """Both streams over the prompts as one doubled batch (``adapter_on_second_half``).
+
+    Args:
+        input_ids, attention_mask, positions: (batch, prompt_len), left-padded.
+
+    Returns:
+        M's and M''s (batch, prompt_len, d) states, and one cache of 2 x batch rows, M's first: the layout the
+        fused decoding steps read.
+    """
+    batch = input_ids.shape[0]
+    cache = DynamicCache(config=model.config)
+    with adapter_on_second_half(model.peft_model, batch):
+        both = model.stream_hidden(
+            torch.cat([input_ids, input_ids]),
+            torch.cat([attention_mask, attention_mask]),
+            adapter=True,
+            position_ids=torch.cat([positions, positions]),
+            cache=cache,
+        )
+    return both[:batch], both[batch:], cache
+
+
 def check_inputs(streams: str, attention_mask: torch.Tensor) -> None:
     """Refuse an unknown ``streams`` and right-padded prompts (``attention_mask`` (batch, prompt_len))."""
     if streams not in STREAMS:
@@ -87,7 +126,7 @@ def step_settings(
 
 
 @torch.no_grad()
-def greedy_generate(
+def greedy_steps(
     model: IMSMModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -98,11 +137,17 @@ def greedy_generate(
     fuse_streams: bool | None = None,
     stop_check_every: int | None = None,
     prefill_tokens: int | None = None,
-) -> torch.Tensor:
-    """Batched greedy decoding with a KV cache per stream; the arguments are ``IMSMModel.generate``'s.
+) -> Iterator[torch.Tensor]:
+    """Batched greedy decoding with a KV cache per stream, one new token per row at a time; the arguments are
+    ``IMSMModel.generate``'s.
 
-    Returns:
-        (batch, n_new) new token ids, n_new <= max_new_tokens, ``pad_token_id`` after each row's EOS.
+    The first item costs the prefill, each later one a decoding step. Stepping it by hand lets a benchmark time two
+    decoders step by step, side by side (``imsm.timing.lockstep``). While it is suspended a fused decoder keeps its
+    model's adapted layers split in halves (``adapter_on_second_half``): step one model at a time, or give the other
+    decoder its own copy of the weights.
+
+    Yields:
+        (batch,) the next token of each row, ``pad_token_id`` after the row's EOS; at most ``max_new_tokens`` items.
     """
     check_inputs(streams, attention_mask)
     mixing, fuse = stream_plan(model, streams, fuse_streams)
@@ -119,16 +164,20 @@ def greedy_generate(
         hooks = adapter_on_second_half(model.peft_model, batch)
     else:
         hooks = contextlib.nullcontext()
-    # Prefill each stream on its own (prompts are compute-bound: a doubled batch saves nothing there), then
-    # decode both as one doubled batch over the joined caches when fused.
-    fill = functools.partial(prefill, model, input_ids, attention_mask, positions, rows=rows)
-    base, base_cache = fill(adapter=False) if mixing or streams == "base" else (None, None)
-    tuned, tuned_cache = fill(adapter=True) if streams != "base" else (None, None)
-    caches = (
-        {"both": model.family.concat_caches([base_cache, tuned_cache])}
-        if fuse
-        else {"base": base_cache, "tuned": tuned_cache}
-    )
+    # Small prompts: both streams as one doubled batch. Larger ones: each stream on its own (in row chunks), the
+    # caches then joined when fused, as a doubled batch saves nothing once a pass is large (FUSED_PREFILL_TOKENS).
+    if fuses_prefill(fuse, batch, prompt_len, rows):
+        base, tuned, both_cache = prefill_both(model, input_ids, attention_mask, positions)
+        caches = {"both": both_cache}
+    else:
+        fill = functools.partial(prefill, model, input_ids, attention_mask, positions, rows=rows)
+        base, base_cache = fill(adapter=False) if mixing or streams == "base" else (None, None)
+        tuned, tuned_cache = fill(adapter=True) if streams != "base" else (None, None)
+        caches = (
+            {"both": model.family.concat_caches([base_cache, tuned_cache])}
+            if fuse
+            else {"base": base_cache, "tuned": tuned_cache}
+        )
 
     def step(
         ids: torch.Tensor, length: int, pos: torch.Tensor
@@ -151,7 +200,6 @@ def greedy_generate(
                 )
         return out.get("base"), out.get("tuned")
 
-    out = []
     with hooks:
         bq = tq = None
         if mixing and getattr(model.gate, "needs_query", False):
@@ -166,10 +214,26 @@ def greedy_generate(
             else:
                 h = (base if streams == "base" else tuned)[:, -1]
             next_tok = torch.where(finished, pad, model.lm_head(h).argmax(-1))
-            out.append(next_tok)
+            yield next_tok
             finished |= torch.isin(next_tok, eos)
             if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and bool(finished.all())):
                 break
             last_pos = last_pos + 1
             base, tuned = step(next_tok.unsqueeze(1), prompt_len + i + 1, last_pos)
-    return torch.stack(out, dim=1)
+
+
+def greedy_generate(
+    model: IMSMModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | list[int],
+    pad_token_id: int,
+    **kwargs: object,
+) -> torch.Tensor:
+    """``greedy_steps``'s tokens stacked: (batch, n_new), n_new <= max_new_tokens, ``pad_token_id`` after each
+    row's EOS. ``kwargs``: ``greedy_steps``'s options (``streams``, ``fuse_streams``, ...)."""
+    steps = greedy_steps(
+        model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, **kwargs
+    )
+    return torch.stack(list(steps), dim=1)

@@ -46,9 +46,9 @@ def lora_linear(layer: LoraLinear, batch: int, x: torch.Tensor, *args: Any, **kw
                 layer, active_adapter=name, x=x, result=result[batch:], **kwargs
             )
             result[batch:] = tuned.to(result.dtype)
-        else:  # in place on the tuned rows: no copy of the half per layer and step (decoding is memory-bound)
-            result[batch:] += (lora_B(lora_A(layer.lora_dropout[name](x))) * layer.scaling[name]).to(
-                result.dtype
+        else:  # in place on the tuned rows' view: no copy of the half (``result[batch:] +=`` would copy it back)
+            result[batch:].add_(
+                (lora_B(lora_A(layer.lora_dropout[name](x))) * layer.scaling[name]).to(result.dtype)
             )
     return result
 
@@ -86,9 +86,9 @@ def ia3_linear(layer: IA3Linear, batch: int, x: torch.Tensor, *args: Any, **kwar
         tuned = (x[batch:].to(dtype) * scaling).to(previous)
         return layer.base_layer(torch.cat([x[:batch], tuned]), *args, **kwargs)
     result = layer.base_layer(x, *args, **kwargs)
-    # in place on the tuned rows (one op instead of a product and a copy back): computed in the promoted dtype and
-    # rounded once to the output's, as peft's ``(result * scaling).to(result.dtype)``
-    result[batch:] *= scaling
+    # in place on the tuned rows' view (one op instead of a product and a copy back): computed in the promoted
+    # dtype and rounded once to the output's, as peft's ``(result * scaling).to(result.dtype)``
+    result[batch:].mul_(scaling)
     return result
 
 
@@ -113,7 +113,9 @@ def loramoe_linear(layer: LoRAMoELinear, batch: int, x: torch.Tensor) -> torch.T
     result = layer.base_layer(x)
     weights, update = layer.experts(x[batch:])
     layer.last_routing = weights  # what the tuned stream's own pass records
-    result[batch:] = (result[batch:] + update).to(result.dtype)
+    result[batch:].add_(
+        update
+    )  # in the promoted dtype, rounded once to the output's: ``(result + update).to(...)``
     return result
 
 

@@ -38,7 +38,14 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
-from imsm.model.decoding import check_inputs, prefill, step_settings, stream_plan
+from imsm.model.decoding import (
+    check_inputs,
+    fuses_prefill,
+    prefill,
+    prefill_both,
+    step_settings,
+    stream_plan,
+)
 from imsm.model.families import GENERIC
 from imsm.model.fusion import adapter_on_second_half, fused_layers
 from imsm.model.siamese import pool_query, positions_from_mask
@@ -297,8 +304,9 @@ def read_prompts(
 ) -> tuple[dict[str, torch.Tensor], Workspace]:
     """Each stream of ``plan`` over the prompts, eagerly (their shapes vary), into the model's workspace.
 
-    Read as ``greedy_generate`` reads them (``imsm.model.decoding.prefill``: ``rows`` rows at a time into a
-    ``DynamicCache``), then copied into the static cache (fused: M's rows first, then M''s).
+    Read as ``greedy_generate`` reads them (``imsm.model.decoding``: small prompts as one doubled batch when fused,
+    else ``rows`` rows at a time into a ``DynamicCache``), then copied into the static cache (fused: M's rows first,
+    then M''s).
 
     Args:
         input_ids, attention_mask, positions: (batch, prompt_len), left-padded.
@@ -307,6 +315,11 @@ def read_prompts(
         Each stream's (batch, prompt_len, d) states by name, and the workspace.
     """
     batch, prompt_len = input_ids.shape
+    if fuses_prefill(plan.fuse, batch, prompt_len, rows):
+        base, tuned, cache = prefill_both(model, input_ids, attention_mask, positions)
+        ws = workspace_for(model, plan, batch, cache_len, cache, base)
+        ws.fill_cache(0, slice(0, 2 * batch), cache, prompt_len)
+        return {"base": base, "tuned": tuned}, ws
     hidden: dict[str, torch.Tensor] = {}
     ws: Workspace | None = None
     for s, name in enumerate(plan.streams):
