@@ -11,7 +11,7 @@ export IMSM_CACHE ?= $(abspath .cache)
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup run test test-all lint bench bench-quick clean
+.PHONY: help setup run test test-all lint bench bench-targets bench-quick clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,12 @@ clean: ## remove run outputs (keeps .venv and the model cache)
 
 bench: setup ## IMSM vs vanilla PEFT: training step, decoding tokens/s, memory, naive decoder (ratios; JSON in outputs/bench)
 	$(PY) -m imsm.bench
+
+bench-targets: setup ## the speed issue's CPU targets, each ratio with its interval: decoding per method, then cached training (lockstep; ~50 min on 2 cores)
+	for m in lora dora adalora ia3 loha loramoe; do \
+	  $(PY) -m imsm.bench --peft $$m --lockstep --train-precisions --decode-precisions bf16 --batches 1 --skip-memory --naive-tokens 0 --repeats 12 || exit 1; \
+	done
+	$(PY) -m imsm.bench --lockstep --train-precisions fp32 bf16 --decode-precisions --skip-memory --naive-tokens 0 --repeats 12
 
 bench-quick: setup ## the benchmark on tiny_llama, to check it runs
 	$(PY) -m imsm.bench --quick
