@@ -59,9 +59,9 @@ def prefill(
 
 
 # Prompts of at most this many tokens per stream (batch x prompt length) are read by both streams as one doubled
-# batch. Small prefills leave a CPU's matrix kernels underused: on 2 cores (SmolLM2-135M, LoRA, 30 interleaved
-# rounds) one doubled pass took 0.76 of two passes at 1 x 100 tokens in bf16, 0.85 in fp32, 0.92 at 1 x 400 bf16,
-# and 1.03 at 8 x 100, where each pass is already large (docs/performance.md, "Prefill as one doubled batch").
+# batch. Small prefills leave a CPU's matrix kernels underused: on 2 cores (SmolLM2-135M, LoRA, 6-30 interleaved
+# rounds) one doubled pass took 0.76 of two passes' time at 1 x 100 tokens in bf16, 0.85 in fp32, 0.92 at 1 x 400
+# bf16, and 1.03 at 8 x 100, where each pass is already large (docs/performance.md, "Timed in lockstep").
 FUSED_PREFILL_TOKENS = 512
 
 
