@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import DynamicCache
@@ -83,17 +83,40 @@ def prefill_both(
         M's and M''s (batch, prompt_len, d) states, and one cache of 2 x batch rows, M's first: the layout the
         fused decoding steps read.
     """
-    batch = input_ids.shape[0]
     cache = DynamicCache(config=model.config)
-    with adapter_on_second_half(model.peft_model, batch):
-        both = model.stream_hidden(
-            torch.cat([input_ids, input_ids]),
-            torch.cat([attention_mask, attention_mask]),
-            adapter=True,
-            position_ids=torch.cat([positions, positions]),
-            cache=cache,
+    with adapter_on_second_half(model.peft_model, input_ids.shape[0]):
+        base, tuned = doubled_pass(
+            model, input_ids, torch.cat([attention_mask, attention_mask]), positions, cache
         )
-    return both[:batch], both[batch:], cache
+    return base, tuned, cache
+
+
+def doubled_pass(
+    model: IMSMModel,
+    input_ids: torch.Tensor,
+    doubled_mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both streams in one pass of the doubled batch, inside ``adapter_on_second_half``.
+
+    Args:
+        input_ids, positions: (batch, seq), each stream's (the same for both).
+        doubled_mask: (2 x batch, kv_len), M's rows first.
+        cache: the doubled batch's cache (2 x batch rows, M's first).
+
+    Returns:
+        M's and M''s (batch, seq, d) states.
+    """
+    both = model.stream_hidden(
+        torch.cat([input_ids, input_ids]),
+        doubled_mask,
+        adapter=True,
+        position_ids=torch.cat([positions, positions]),
+        cache=cache,
+    )
+    batch = input_ids.shape[0]
+    return both[:batch], both[batch:]
 
 
 def check_inputs(streams: str, attention_mask: torch.Tensor) -> None:
@@ -184,14 +207,7 @@ def greedy_steps(
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(batch, 1, d) states of both streams for one new token per row (None for a stream that does not run)."""
         if fuse:
-            both = model.stream_hidden(
-                torch.cat([ids, ids]),
-                full_mask[:, :length],
-                adapter=True,
-                position_ids=torch.cat([pos, pos]),
-                cache=caches["both"],
-            )
-            return both[:batch], both[batch:]
+            return doubled_pass(model, ids, full_mask[:, :length], pos, caches["both"])
         out = {}
         for name, adapter in (("base", False), ("tuned", True)):
             if caches[name] is not None:
@@ -222,18 +238,7 @@ def greedy_steps(
             base, tuned = step(next_tok.unsqueeze(1), prompt_len + i + 1, last_pos)
 
 
-def greedy_generate(
-    model: IMSMModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    max_new_tokens: int,
-    eos_token_id: int | list[int],
-    pad_token_id: int,
-    **kwargs: object,
-) -> torch.Tensor:
-    """``greedy_steps``'s tokens stacked: (batch, n_new), n_new <= max_new_tokens, ``pad_token_id`` after each
-    row's EOS. ``kwargs``: ``greedy_steps``'s options (``streams``, ``fuse_streams``, ...)."""
-    steps = greedy_steps(
-        model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, **kwargs
-    )
-    return torch.stack(list(steps), dim=1)
+def greedy_generate(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """``greedy_steps`` (same arguments) run to the end, its tokens stacked: (batch, n_new), n_new <=
+    max_new_tokens, ``pad_token_id`` after each row's EOS."""
+    return torch.stack(list(greedy_steps(*args, **kwargs)), dim=1)
