@@ -124,6 +124,25 @@ def build(
     return model, tok
 
 
+def decode_models(
+    args: argparse.Namespace, precision: str, trained: IMSMModel
+) -> tuple[IMSMModel, IMSMModel]:
+    """IMSM and vanilla (the same weights, ``gate=none``) as users decode at ``precision``, in eval mode.
+
+    What ``imsm.model.build`` gives for ``backbone.dtype=<precision>``: the backbone in that dtype, the adapter and
+    the gate in fp32 (peft's ``autocast_adapter_dtype``; the gate's own precision), not the whole model cast to it.
+    fp32 reuses ``trained`` (everything fp32 already); bf16 builds its own model, the same seed and adapter noise.
+    """
+    if precision == "fp32":
+        model = trained
+    else:
+        model, _ = build(
+            args.backbone, "query_aware", args.device, precision, random_init=args.random_init, peft=args.peft
+        )
+    model.eval()
+    return model, IMSMModel(model.peft_model, None)
+
+
 def train_batch(
     vocab: int, batch: int, seq: int, prompt: int, device: str, seed: int = 0
 ) -> dict[str, torch.Tensor]:
@@ -455,19 +474,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # (CUDA graphs on CUDA, imsm.model.static_decoding), so their ratio is measured on equal footing too
     imsm.eval()
     static = args.static
-    # in lockstep a suspended fused IMSM decoder keeps the shared adapted layers split in halves
-    # (greedy_steps): vanilla decodes on its own copy of the same weights
-    paired = IMSMModel(copy.deepcopy(imsm.peft_model), None) if args.lockstep else vanilla
     for precision in args.decode_precisions:
-        imsm.to(resolve_dtype(precision))
+        imsm_d, vanilla_d = decode_models(args, precision, imsm)
+        # in lockstep a suspended fused IMSM decoder keeps the shared adapted layers split in halves
+        # (greedy_steps): vanilla decodes on its own copy of the same weights
+        paired = IMSMModel(copy.deepcopy(imsm_d.peft_model), None) if args.lockstep else vanilla_d
         for bsz in args.batches:
             ids, mask = prompt_batch(tok, bsz, args.prompt_len, dev)
             eager = {"static_cache": False}
             if args.lockstep:
-                paired.to(resolve_dtype(precision))
                 res = lockstep(
                     {
-                        "imsm": decode_steps_fn(imsm, ids, mask, args.new_tokens),
+                        "imsm": decode_steps_fn(imsm_d, ids, mask, args.new_tokens),
                         "vanilla": decode_steps_fn(paired, ids, mask, args.new_tokens),
                     },
                     args.repeats,
@@ -476,23 +494,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 report_decode(results, ratios, res, precision, bsz, args.new_tokens)
                 continue
             contenders = {
-                "imsm": decode_fn(imsm, ids, mask, args.new_tokens, **eager),
-                "vanilla": decode_fn(vanilla, ids, mask, args.new_tokens, **eager),
+                "imsm": decode_fn(imsm_d, ids, mask, args.new_tokens, **eager),
+                "vanilla": decode_fn(vanilla_d, ids, mask, args.new_tokens, **eager),
             }
             if not args.pair_only:
                 contenders |= {
-                    "imsm_unfused": decode_fn(imsm, ids, mask, args.new_tokens, fuse_streams=False, **eager),
-                    "vanilla_hf_generate": hf_generate_fn(imsm, ids, mask, args.new_tokens),
+                    "imsm_unfused": decode_fn(
+                        imsm_d, ids, mask, args.new_tokens, fuse_streams=False, **eager
+                    ),
+                    "vanilla_hf_generate": hf_generate_fn(imsm_d, ids, mask, args.new_tokens),
                 }
             if args.attention_ab:  # the same decoders with transformers' sdpa for every attention call
                 contenders |= {
-                    f"{name}_sdpa": under_attention(imsm.backbone, "sdpa", contenders[name])
+                    f"{name}_sdpa": under_attention(imsm_d.backbone, "sdpa", contenders[name])
                     for name in ("imsm", "vanilla")
                 }
             if static and precision in (args.static_precisions or args.decode_precisions):
                 compiled = {
-                    "imsm_static": decode_fn(imsm, ids, mask, args.new_tokens, static_cache=True),
-                    "vanilla_static": decode_fn(vanilla, ids, mask, args.new_tokens, static_cache=True),
+                    "imsm_static": decode_fn(imsm_d, ids, mask, args.new_tokens, static_cache=True),
+                    "vanilla_static": decode_fn(vanilla_d, ids, mask, args.new_tokens, static_cache=True),
                 }
                 compile_s, match = {}, {}
                 try:  # the first call compiles this shape and records its CUDA graphs: timed apart
@@ -541,7 +561,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 # above 1: the static path is the faster one for IMSM (then worth IMSM_STATIC_CACHE=cuda)
                 ratios.put(f"decode_tok_s_imsm_static/imsm_{tag}", res["imsm"], res["imsm_static"])
-        imsm.to(torch.float32)
 
     # 3. peak memory, each contender in its own process
     if not args.skip_memory:

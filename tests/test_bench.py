@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -151,6 +152,20 @@ def test_bench_builds_the_training_runs_model_with_a_seeded_nonzero_lora_b():
     assert not torch.allclose(tuned, model.stream_hidden(ids, mask, adapter=False))
     vanilla, _ = bench.build("tiny_llama", "none", "cpu", dtype="bf16")
     assert vanilla.gate is None and next(vanilla.peft_model.parameters()).dtype == torch.bfloat16
+
+
+def test_bench_decodes_what_users_run_at_each_precision():
+    """bf16 decoding times ``build``'s bf16 model (backbone bf16, adapter and gate fp32), not the fp32 model cast
+    whole; vanilla is the same weights without the gate."""
+    args = SimpleNamespace(backbone="tiny_llama", device="cpu", random_init=None, peft="lora")
+    trained, _ = bench.build("tiny_llama", "query_aware", "cpu")
+    imsm_d, vanilla_d = bench.decode_models(args, "bf16", trained)
+    dtypes = {n: p.dtype for n, p in imsm_d.peft_model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert imsm_d.gate.down.weight.dtype == torch.float32 and not imsm_d.training
+    assert vanilla_d.gate is None and vanilla_d.peft_model is imsm_d.peft_model
+    assert bench.decode_models(args, "fp32", trained)[0] is trained  # already fp32 throughout
 
 
 SLOW = pytest.mark.slow  # ~1.5 s each on an idle 2-core CPU; the fusion itself: tests/test_fusion_methods.py
