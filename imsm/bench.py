@@ -15,7 +15,8 @@ MISS only when the whole interval is on one side of the bar (UNSETTLED otherwise
    floor for any exact IMSM step (it must run the frozen model once);
 2. greedy decoding tokens/s after a ~100-token prompt, 128 new tokens (EOS ignored), batch 1 and 8: IMSM vs
    vanilla through the same decoder, and vanilla through ``model.generate``; ``imsm_unfused`` is IMSM in two
-   passes per step instead of one doubled batch (``imsm.model.fusion``);
+   passes per step instead of one doubled batch (``imsm.model.fusion``); bf16 decodes the model a bf16 run
+   builds (``decode_models``: backbone bf16, adapter and gate fp32);
 3. peak memory of each (RSS of a fresh subprocess on CPU; ``torch.cuda.max_memory_allocated`` on GPU);
 4. IMSM vs the naive decoder (two model copies, no KV cache, full recomputation each step) at 256 new tokens.
 
@@ -617,13 +618,17 @@ def verdict(name: str, value: float, interval: dict[str, float] | None = None, p
     """The target's bar and PASS / MISS when the ratio's whole interval is on one side of it, else UNSETTLED.
 
     ``interval``: ``{"low", "high", ...}`` (``imsm.timing.paired_ratio``); None: ``value`` alone is compared (a
-    measure without repeats, e.g. peak memory).
+    measure without repeats, e.g. peak memory). A PASS or MISS whose interval covers the median less than 95% of the
+    time (under 6 rounds) carries a question mark and the number of rounds.
     """
     for prefix, (op, bar) in targets(peft).items():
         if name.startswith(prefix):
             low, high = (interval["low"], interval["high"]) if interval else (value, value)
             good = (high <= bar, low <= bar) if op == "<=" else (low >= bar, high >= bar)
             word = "PASS" if good[0] else "UNSETTLED" if good[1] else "MISS"
+            if word != "UNSETTLED" and interval and interval.get("confidence", 1.0) < 0.95:
+                # under 6 rounds the interval is the whole range, covering the median less often than 95%
+                word = f"{word}? (under 95% sure: {interval.get('n', '?')} rounds)"
             return f"{op} {bar:<5} {word}"
     return "(report)"
 

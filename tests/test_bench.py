@@ -273,6 +273,9 @@ def test_verdict_says_unsettled_when_the_interval_straddles_the_bar():
     )
     assert bench.verdict("peak_memory_imsm/vanilla_train", 1.1).endswith("PASS")  # no interval: the value
     assert bench.verdict("decode_tok_s_imsm/hf_generate_bf16_b1", 0.5, ci) == "(report)"
+    few = {"low": 0.96, "high": 0.98, "confidence": 1 - 2 / 2**5, "n": 5}  # 5 rounds: the whole range, 94%
+    assert bench.verdict(name, 0.97, few).endswith("PASS? (under 95% sure: 5 rounds)")
+    assert bench.verdict(name, 0.97, {**few, "confidence": 1 - 2 / 2**6, "n": 6}).endswith("PASS")
 
 
 def test_decode_fn_ignores_eos_and_prompt_batch_repeats_one_prompt():
