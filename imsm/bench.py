@@ -133,6 +133,8 @@ def decode_models(
     What ``imsm.model.build`` gives for ``backbone.dtype=<precision>``: the backbone in that dtype, the adapter and
     the gate in fp32 (peft's ``autocast_adapter_dtype``; the gate's own precision), not the whole model cast to it.
     fp32 reuses ``trained`` (everything fp32 already); bf16 builds its own model, the same seed and adapter noise.
+    Building it again, rather than casting a copy, gives exactly ``build``'s dtypes for every method (LoRAMoE's
+    experts are not peft tuner layers, so peft's adapter upcast would miss them).
     """
     if precision == "fp32":
         model = trained
